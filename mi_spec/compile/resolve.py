@@ -1,0 +1,97 @@
+"""Spec -> resolved study: the loaded model, the dataset, named positions and site bindings.
+
+All problems found here are reported together, located in the hypothesis file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from mi_spec.data.dataset import Dataset, load_dataset
+from mi_spec.data.positions import position_table
+from mi_spec.errors import MiSpecError, ResolveError, SpecError, SpecIssue
+from mi_spec.models.load import LoadedModel, load_model
+from mi_spec.sites.adapter import Dims, SiteBinding, bind_site
+from mi_spec.sites.vocabulary import split_position
+from mi_spec.spec.load import LoadedDoc, load_yaml
+from mi_spec.spec.locate import issue_at, issues_from_validation_error
+from mi_spec.spec.sections import PositionSpec
+
+from .spec import Spec
+
+
+@dataclass
+class Study:
+    """A validated spec with everything it names loaded."""
+
+    spec: Spec
+    doc: LoadedDoc
+    model: LoadedModel
+    data: Dataset
+    positions: dict[str, PositionSpec]
+    dims: Dims
+    vocabulary: list[str] = field(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.doc.path.parent
+
+    def bind(self, site: str) -> SiteBinding:
+        return bind_site(self.model.adapter, self.model.module, site)
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Spec, LoadedDoc]:
+    """Read, merge and validate a hypothesis file; every problem at once, located."""
+    doc = load_yaml(path, overrides)
+    try:
+        return Spec.model_validate(doc.data), doc
+    except ValidationError as e:
+        raise SpecError(issues_from_validation_error(e, doc, Spec)) from None
+
+
+def resolve(spec: Spec, doc: LoadedDoc) -> Study:
+    """Load the model and data, then check every site and position the spec names."""
+    base = doc.path.parent
+    try:
+        model = load_model(spec.model, base)
+    except MiSpecError as e:
+        raise SpecError([issue_at(doc, ("model",), str(e))]) from None
+    try:
+        data = load_dataset(spec.data, base, model.hf_dir)
+    except MiSpecError as e:
+        raise SpecError([issue_at(doc, ("data",), str(e))]) from None
+    dims = model.adapter.dims(model.module)
+    study = Study(
+        spec,
+        doc,
+        model,
+        data,
+        position_table(dict(spec.data.positions)),
+        dims,
+        model.adapter.vocabulary(model.module),
+    )
+    issues = _check_correspondence(study)
+    if issues:
+        raise SpecError(issues)
+    return study
+
+
+def _check_correspondence(study: Study) -> list[SpecIssue]:
+    issues = []
+    for var, sites in study.spec.correspondence.items():
+        for i, text in enumerate(sites):
+            site, pos = split_position(text)
+            try:
+                study.bind(site)
+                if pos is not None and pos not in study.positions and not isinstance(pos, int):
+                    raise ResolveError(
+                        f"unknown position {pos!r}; named positions: "
+                        + ", ".join(sorted(study.positions))
+                    )
+            except ResolveError as e:
+                issues.append(issue_at(study.doc, ("correspondence", var, i), str(e)))
+    return issues

@@ -1,0 +1,175 @@
+"""The intervention engine: one forward pass through nnsight that reads and writes sites.
+
+Sites are visited in the model's forward order (learned once by a probe pass), whatever order a job
+lists them in. Reads are copies, so later writes never alias them. Writes replace the activation by
+an edited copy. nnsight installs its hooks for the trace and removes them when it ends, also on error.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from nnsight import NNsight
+
+from mi_spec.errors import ExecutionError, ResolveError
+from mi_spec.sites.adapter import SiteBinding
+
+
+@dataclass(frozen=True)
+class Read:
+    """Copy ``site`` at per-row positions ``pos`` ([B, P] long, or None for all) into ``key``."""
+
+    key: Any
+    site: SiteBinding
+    pos: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Write:
+    """Set ``site`` for batch rows ``rows`` (a slice) at ``pos`` ([b, P] or None) to ``value``."""
+
+    site: SiteBinding
+    rows: slice
+    pos: torch.Tensor | None
+    value: torch.Tensor  # [b, P, w] or [b, T, w] (broadcastable)
+
+
+def probe_order(
+    model: torch.nn.Module, sample: torch.Tensor
+) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """Run one forward with plain hooks: (module, io) -> first call index, and module -> calls."""
+    order: dict[tuple[str, str], int] = {}
+    counts: dict[str, int] = defaultdict(int)
+    handles = []
+
+    def pre(name: str):
+        def hook(_m, _args):
+            counts[name] += 1
+            order.setdefault((name, "input"), len(order))
+
+        return hook
+
+    def post(name: str):
+        def hook(_m, _args, _out):
+            order.setdefault((name, "output"), len(order))
+
+        return hook
+
+    try:
+        for name, mod in model.named_modules():
+            handles.append(mod.register_forward_pre_hook(pre(name)))
+            handles.append(mod.register_forward_hook(post(name)))
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, dict(counts)
+
+
+class Engine:
+    """A model wrapped with nnsight, plus its forward order."""
+
+    def __init__(self, model: torch.nn.Module, sample: torch.Tensor, pass_mask: bool = True):
+        self.model = model
+        self.nn = NNsight(model)
+        self.order, self.calls = probe_order(model, sample)
+        self.pass_mask = pass_mask
+        self.device = next(model.parameters()).device
+
+    def check_binding(self, site: SiteBinding) -> None:
+        """A site must name a module that runs exactly once per forward."""
+        n = self.calls.get(site.module, 0)
+        if n > 1:
+            raise ResolveError(
+                f"site {site.name!r}: module {site.module!r} runs {n} times per forward, "
+                "so a site there is ambiguous"
+            )
+        if n == 0:
+            raise ResolveError(
+                f"site {site.name!r}: module {site.module!r} never runs in a forward pass "
+                "(an intervention there would silently do nothing)"
+            )
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        reads: Sequence[Read] = (),
+        writes: Sequence[Write] = (),
+    ) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
+        """One forward; returns the logits and the values read (``key`` -> tensor)."""
+        by_site: dict[tuple[str, str], tuple[list[Read], list[Write]]] = defaultdict(
+            lambda: ([], [])
+        )
+        for r in reads:
+            by_site[(r.site.module, r.site.io)][0].append(r)
+        for w in writes:
+            by_site[(w.site.module, w.site.io)][1].append(w)
+        for key in by_site:
+            self.check_binding(_binding_of(by_site[key]))
+        ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
+        out: dict[Any, Any] = {}
+        kwargs = {"attention_mask": mask} if self.pass_mask else {}
+        try:
+            with torch.no_grad(), self.nn.trace(ids, **kwargs):
+                for (module, io), (site_reads, site_writes) in ordered:
+                    env = self._envoy(module)
+                    act = env.input if io == "input" else env.output
+                    for r in site_reads:
+                        out[r.key] = _gather(act, r.site, r.pos).clone()
+                    if site_writes:
+                        new = act.clone()
+                        for w in site_writes:
+                            _scatter(new, w)
+                        if io == "input":
+                            env.input = new
+                        else:
+                            env.output = new
+                out["__logits__"] = self.nn.output
+        except (ResolveError, ExecutionError):
+            raise
+        except Exception as e:
+            names = ", ".join(sorted({_binding_of(v).name for v in by_site.values()}))
+            raise ExecutionError(
+                f"forward pass with sites [{names}] failed: {type(e).__name__}: {e}"
+            ) from e
+        result = out.pop("__logits__")
+        logits = result.logits if hasattr(result, "logits") else result
+        return logits, out
+
+    def _envoy(self, path: str) -> Any:
+        env: Any = self.nn
+        for part in path.split("."):
+            env = env[int(part)] if part.isdigit() else getattr(env, part)
+        return env
+
+
+def _binding_of(pair: tuple[list[Read], list[Write]]) -> SiteBinding:
+    reads, writes = pair
+    return (reads or writes)[0].site  # type: ignore[union-attr]
+
+
+def _cols(site: SiteBinding) -> slice:
+    return slice(site.start, site.stop)
+
+
+def _gather(act: torch.Tensor, site: SiteBinding, pos: torch.Tensor | None) -> torch.Tensor:
+    if pos is None:
+        return act[:, :, _cols(site)]
+    rows = torch.arange(act.shape[0], device=act.device)[:, None]
+    return act[rows, pos.to(act.device), _cols(site)]
+
+
+def _scatter(new: torch.Tensor, w: Write) -> None:
+    block = new[w.rows]
+    value = w.value.to(device=new.device, dtype=new.dtype)
+    if w.pos is None:
+        block[:, :, _cols(w.site)] = value
+        return
+    rows = torch.arange(block.shape[0], device=new.device)[:, None]
+    block[rows, w.pos.to(new.device), _cols(w.site)] = value

@@ -1,0 +1,60 @@
+"""Per-process state of an executor: the model, its engine and the dataset, loaded once per plan's
+model reference and reused by every job (jobs carry a reference, never a model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mi_spec.data.dataset import Dataset, load_dataset
+from mi_spec.errors import ExecutionError
+from mi_spec.execute.engine import Engine
+from mi_spec.execute.run_job import run_job
+from mi_spec.models.load import LoadedModel, load_model
+from mi_spec.plan.ir import Job, JobResult, Plan
+from mi_spec.spec.sections import DataSection, ModelSection
+
+
+@dataclass
+class Loaded:
+    model: LoadedModel
+    engine: Engine
+    data: Dataset
+
+
+_LOADED: dict[str, Loaded] = {}
+
+
+def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
+    """The model/engine/dataset for ``plan``, from this process's cache or loaded now.
+
+    ``model`` lets the caller hand over a model it already loaded (in-process runs).
+    """
+    key = plan.model.key + plan.data.data_hash
+    if key in _LOADED:
+        return _LOADED[key]
+    if model is None:
+        section = ModelSection.model_validate(plan.model.section)
+        model = load_model(section, Path(plan.model.base_dir))
+    if model.weights_hash != plan.model.weights_hash:
+        raise ExecutionError(
+            f"model weights changed since the plan was compiled "
+            f"({model.weights_hash} != {plan.model.weights_hash}); compile the plan again"
+        )
+    data_section = DataSection.model_validate(plan.data.section)
+    data = load_dataset(data_section, Path(plan.data.base_dir), plan.data.model_dir)
+    if data.content_hash() != plan.data.data_hash:
+        raise ExecutionError("dataset changed since the plan was compiled; compile it again")
+    sample_ids, _ = data.padded([0])
+    engine = Engine(model.module, torch.tensor(sample_ids, device=model.device))
+    _LOADED.clear()  # one model per process at a time keeps memory bounded
+    _LOADED[key] = Loaded(model, engine, data)
+    return _LOADED[key]
+
+
+def execute_job(plan: Plan, job: Job) -> JobResult:
+    """Run one job in this process (the function Dask workers call)."""
+    state = loaded_for(plan)
+    return run_job(job, plan, state.engine, state.data)

@@ -1,0 +1,115 @@
+"""Load a model from a model section: a Python factory, a local HF directory, or an HF config.
+
+Returns the module in eval mode on its device plus a weights hash that identifies it in Plans,
+caches and MLflow. Never touches a model hub: HF loading is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mi_spec.data.dataset import resolve_path
+from mi_spec.errors import ResolveError
+from mi_spec.sites.adapter import Adapter, adapter_for
+from mi_spec.spec.refs import import_ref
+from mi_spec.spec.sections import ModelSection
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module
+    adapter: Adapter
+    weights_hash: str
+    device: torch.device
+    hf_dir: str | None = None  # local directory, for its tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
+    """Build the module, load the checkpoint, move to device/dtype, pick the adapter."""
+    hf_dir = None
+    if section.factory is not None:
+        module = _from_factory(section)
+    elif section.hf is not None:
+        hf_dir = str(resolve_path(section.hf, base_dir))
+        module = _from_hf_dir(hf_dir)
+    else:
+        module = _from_hf_config(section.hf_config or {}, section.seed)
+    if not isinstance(module, torch.nn.Module):
+        raise ResolveError(
+            f"model.factory {section.factory} returned {type(module).__name__}, "
+            "expected a torch.nn.Module"
+        )
+    if section.checkpoint is not None:
+        _load_checkpoint(module, resolve_path(section.checkpoint, base_dir))
+    device = pick_device(section.device)
+    module = module.to(device=device, dtype=_DTYPES[section.dtype]).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    adapter = adapter_for(module, section.adapter)
+    return LoadedModel(module, adapter, weights_hash(module), device, hf_dir)
+
+
+def _from_factory(section: ModelSection) -> Any:
+    fn = import_ref(section.factory or "")
+    torch.manual_seed(section.seed)
+    try:
+        return fn(**section.kwargs)
+    except TypeError as e:
+        raise ResolveError(f"model.factory {section.factory}: {e}") from None
+
+
+def _from_hf_dir(directory: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ResolveError(f"model.hf: cannot load a model from {directory}: {e}") from None
+
+
+def _from_hf_config(config: dict[str, Any], seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(config)
+    model_type = params.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **params)
+    except (ValueError, KeyError) as e:
+        raise ResolveError(f"model.hf_config: {e}") from None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _load_checkpoint(module: torch.nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: say which
+        raise ResolveError(f"model.checkpoint {path}: cannot read it ({e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ResolveError(f"model.checkpoint {path} does not fit the model: {e}") from None
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

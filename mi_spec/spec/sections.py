@@ -1,0 +1,163 @@
+"""The hypothesis file's sections as pydantic models (the experiment kinds live in ``experiments/``).
+
+Every model forbids unknown keys, so a typo is an error with a suggestion, never silently ignored.
+Plain data only: no torch, no imports of user code (``"pkg.mod:fn"`` refs are checked for syntax here
+and imported at resolve time).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from mi_spec.spec.refs import is_ref
+
+REF_HELP = "a Python reference 'package.module:function'"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ref(value: str) -> str:
+    if not is_ref(value):
+        raise ValueError(f"expected {REF_HELP}, found {value!r}")
+    return value
+
+
+Ref = Annotated[str, AfterValidator(_check_ref)]
+
+
+class ModelSection(Section):
+    """Where the model comes from: exactly one of ``factory``, ``hf`` or ``hf_config``."""
+
+    factory: Ref | None = Field(None, description=f"{REF_HELP} that returns a torch.nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments for the factory")
+    hf: str | None = Field(
+        None, description="A local Hugging Face model directory (from_pretrained, offline)"
+    )
+    hf_config: dict[str, Any] | None = Field(
+        None,
+        description="A Hugging Face config (must include model_type); builds a randomly "
+        "initialised model, seeded by `seed`",
+    )
+    checkpoint: str | None = Field(
+        None, description="A state_dict file (.pt) to load, relative to the hypothesis file"
+    )
+    seed: int = Field(0, description="Seed for random initialisation (hf_config, factories)")
+    adapter: str | None = Field(None, description="Force an architecture adapter by name")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda:0', ...")
+    check_sites: bool = Field(
+        True,
+        description="At load, check each used site fires once per forward and that patching a "
+        "site with its own value leaves the logits unchanged",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        given = [k for k in ("factory", "hf", "hf_config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "expected exactly one of factory, hf, hf_config, found "
+                + (", ".join(given) if given else "none")
+            )
+        if self.hf_config is not None and "model_type" not in self.hf_config:
+            raise ValueError("hf_config needs a model_type (e.g. gpt2, gpt_neox, llama)")
+        return self
+
+
+class PosRange(Section):
+    """Positions ``start <= p < stop``; negative values count from each row's end (-1 = last)."""
+
+    start: int
+    stop: int | None = None
+
+
+class PosColumn(Section):
+    """Per-row positions read from a dataset column (an int or a list of ints per row)."""
+
+    column: str
+
+
+PositionSpec = Annotated[int | PosRange | PosColumn, Field(union_mode="left_to_right")]
+
+
+class DataSection(Section):
+    """The dataset: exactly one of ``generator`` or ``path``."""
+
+    generator: Ref | None = Field(None, description=f"{REF_HELP} returning a list of row dicts")
+    params: dict[str, Any] = Field(default_factory=dict, description="Arguments for the generator")
+    path: str | None = Field(None, description="A .jsonl or .csv file, relative to the hypothesis")
+    tokens: str = Field("tokens", description="Column holding token ids (a list of ints per row)")
+    text: str | None = Field(
+        None, description="Column holding text to tokenize instead (needs a tokenizer)"
+    )
+    tokenizer: str | None = Field(
+        None, description="Local tokenizer directory; default: the model's hf directory"
+    )
+    padding_side: Literal["right"] = Field(
+        "right", description="Rows of different lengths are right-padded with an attention mask"
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows")
+    positions: dict[str, PositionSpec] = Field(
+        default_factory=dict,
+        description="Named positions: an int (negative from the end), {start, stop}, or "
+        "{column}. 'last' (-1) and 'all' are always defined",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.generator is None) == (self.path is None):
+            raise ValueError("expected exactly one of generator or path")
+        if self.path is not None and not self.path.endswith((".jsonl", ".csv")):
+            raise ValueError(f"expected a .jsonl or .csv path, found {self.path!r}")
+        return self
+
+
+class MetricSection(Section):
+    """How a forward pass is scored, per example.
+
+    ``loss``: next-token cross-entropy at positions ``at`` (the logits at p predict token p+1, or
+    the ``target`` column). ``logit_diff``: logit of ``target`` minus logit of ``wrong``.
+    ``prob``/``accuracy``: probability / argmax-correctness of the target. ``kl``: KL(clean ‖
+    intervened) of the next-token distributions.
+    """
+
+    kind: Literal["loss", "logit_diff", "kl", "accuracy", "prob"] = "loss"
+    at: str = Field("last", description="A named position (data.positions, 'last' or 'all')")
+    target: str | None = Field(
+        None, description="Column with the target token id per row; default: the next token"
+    )
+    wrong: str | None = Field(None, description="Column with the wrong token id (logit_diff)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> MetricSection:
+        if self.kind == "logit_diff" and (self.target is None or self.wrong is None):
+            raise ValueError("logit_diff needs both `target` and `wrong` columns")
+        return self
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind in ("logit_diff", "accuracy", "prob")
+
+
+class Variable(Section):
+    """A high-level variable: a dataset column, a safe expression, or a Python callable."""
+
+    column: str | None = None
+    value: str | None = Field(
+        None, description="A safe expression over tokens, columns, `pos` and other variables"
+    )
+    fn: Ref | None = Field(None, description=f"{REF_HELP} (row dict, values dict) -> value")
+    per_position: bool = Field(False, description="The value differs by position")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Variable:
+        given = [k for k in ("column", "value", "fn") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "expected exactly one of column, value, fn, found " + (", ".join(given) or "none")
+            )
+        return self

@@ -1,0 +1,323 @@
+"""MLflow tracker: one parent run per study, one nested child run per experiment.
+
+Layout of what gets logged:
+
+* parent run (named after the study): flattened study params, study tags, the study's
+  artifacts (``resolved.yaml``, ``plan.json``…) at the artifact root, every experiment's headline
+  metrics, and a copy of every experiment's figures under ``<experiment>/<file>.png``;
+* child run per experiment (named ``report.name``, tagged ``mlflow.parentRunId``): params,
+  metrics, tables as CSV, figures as PNG, ``warnings.txt``, tags ``mi_spec.kind`` and
+  ``mi_spec.warnings`` (the count).
+
+Headline collision rule: a headline metric is logged on the parent under its own name the first
+time that name is seen. When a later experiment has a headline name that is already on the
+parent (e.g. two ``activation_patching`` experiments both reporting ``patch.max_effect``), *all*
+of that experiment's headline metrics are logged as ``<experiment>/<metric>``, where
+``<experiment>`` is the report name sanitized to ``[A-Za-z0-9_.-]`` (other characters become
+``_``, e.g. ``activation_patching@ioi`` → ``activation_patching_ioi``). The same sanitized name is
+the folder of the experiment's figures on the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mi_spec.analysis.report import ExperimentReport, StudyRecord
+from mi_spec.errors import MiSpecError
+from mi_spec.tracking.base import RunStatus, flatten_params, truncate
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+BATCH_LIMIT = 100  # MLflow allows 100 params/tags per log_batch call
+ERROR_TAG_LIMIT = 5000
+KEY_LIMIT = 250  # MLflow's max param/metric/tag key length
+TAG_VALUE_LIMIT = 5000  # under MLflow's 8000
+
+_PROBE_TIMEOUT_S = 10.0
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """Explicit argument > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` (current directory)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sanitize_name(name: str) -> str:
+    """`name` as a file/prefix-safe token: characters outside ``[A-Za-z0-9_.-]`` become ``_``."""
+    out = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).strip(".")
+    return out or "_"
+
+
+def mlflow_key(key: str) -> str:
+    """`key` made acceptable to MLflow as a param/metric/tag name (charset, no path tricks)."""
+    s = re.sub(r"[^\w.\- /]", "_", key)
+    s = "/".join(p for p in s.split("/") if p not in ("", ".", ".."))
+    return s[:KEY_LIMIT] or "_"
+
+
+class MlflowTracker:
+    """Logs a study to MLflow. See the module docstring for the run/artifact layout.
+
+    Attributes set by `start` (and kept after `finish`): `parent_run_id`, `experiment_id`.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "mi_spec"):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._client: MlflowClient | None = None
+        self._parent_open = False
+        self._child_run_id: str | None = None
+        self._child_names: set[str] = set()
+        self._parent_metric_keys: set[str] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, study: StudyRecord) -> None:
+        """Check the store, open the parent run, log the study's params, tags and artifacts."""
+        if self.parent_run_id is not None:
+            raise RuntimeError("MlflowTracker.start called twice")
+        self._client = self._connect()
+        tags = {mlflow_key(k): truncate(str(v), TAG_VALUE_LIMIT) for k, v in study.tags.items()}
+        run = self._client.create_run(
+            self.experiment_id, run_name=study.name, tags=resolve_tags(tags)
+        )
+        self.parent_run_id = run.info.run_id
+        self._parent_open = True
+        try:
+            self._log_params(self.parent_run_id, flatten_params(study.params))
+            self._log_files(self.parent_run_id, {n: t.encode() for n, t in study.artifacts.items()})
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # never mask the original error
+                self.finish("FAILED", error=f"{type(e).__name__}: {e}")
+            raise
+
+    def log_experiment(self, report: ExperimentReport) -> None:
+        """Log `report` as a finished child run; copy its headline metrics and figures to the parent."""
+        client, parent = self._require_started()
+        name = self._unique_child_name(report.name)
+        run = client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                MLFLOW_PARENT_RUN_ID: parent,
+                "mi_spec.kind": report.kind,
+                "mi_spec.warnings": str(len(report.warnings)),
+            },
+        )
+        self._child_run_id = child = run.info.run_id
+        try:
+            self._log_params(child, flatten_params(report.params))
+            self._log_metrics(child, report.metrics)
+            self._log_files(child, _report_files(report))
+            client.set_terminated(child, "FINISHED")
+            self._child_run_id = None
+            self._log_metrics(parent, self._parent_headline(name, report.headline))
+            figures = {
+                f"{sanitize_name(name)}/{_png_name(n)}": b for n, b in report.figures.items()
+            }
+            self._log_files(parent, figures)
+        except BaseException:
+            self._end_child("FAILED")
+            raise
+
+    def finish(self, status: RunStatus, error: str | None = None) -> None:
+        """End the open child (if any) and the parent with `status`; record `error` on FAILED.
+
+        Idempotent, and a no-op before a successful `start`. Runs are always terminated, even
+        when recording the error fails.
+        """
+        if self._client is None or self.parent_run_id is None or not self._parent_open:
+            return
+        parent, self._parent_open = self.parent_run_id, False
+        try:
+            if status == "FAILED" and error:
+                self._client.set_tag(parent, "mi_spec.error", truncate(error, ERROR_TAG_LIMIT))
+                self._log_files(parent, {"error.txt": error.encode()})
+        finally:
+            try:
+                self._end_child(status)
+            finally:
+                self._client.set_terminated(parent, status)
+
+    # -- links -----------------------------------------------------------------------------
+
+    def run_url(self) -> str | None:
+        """Where to look at the study's runs, or None before `start` / for other stores.
+
+        http(s) stores: the UI URL of the experiment's runs table. sqlite/file stores: the
+        ``mlflow ui --backend-store-uri <uri>`` command, then the same page on the local UI.
+        """
+        if self.experiment_id is None:
+            return None
+        fragment = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        scheme = urlparse(self.tracking_uri).scheme
+        if scheme in ("http", "https"):
+            return f"{self.tracking_uri.rstrip('/')}/{fragment}"
+        if scheme in ("sqlite", "file", "") or _is_windows_path(self.tracking_uri):
+            cmd = f"mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+            return f"{cmd}  # then open http://127.0.0.1:5000/{fragment}"
+        return None
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _connect(self) -> MlflowClient:
+        """A client whose store answered: the experiment exists (created if needed)."""
+        uri = self.tracking_uri
+        try:
+            _probe_http(uri)
+            client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._get_or_create_experiment(client)
+        except MiSpecError:
+            raise
+        except Exception as e:
+            raise MiSpecError(
+                f"cannot use MLflow tracking store {uri!r}: {type(e).__name__}: {e}\n"
+                "Point the tracking URI (or MLFLOW_TRACKING_URI) at a reachable store."
+            ) from e
+        return client
+
+    def _get_or_create_experiment(self, client: MlflowClient) -> str:
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                return client.create_experiment(
+                    self.experiment, artifact_location=self._default_artifact_location()
+                )
+            except MlflowException:
+                exp = client.get_experiment_by_name(self.experiment)  # created concurrently
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise MiSpecError(
+                f"MLflow experiment {self.experiment!r} is deleted in {self.tracking_uri!r}; "
+                "restore it (mlflow experiments restore) or pick another experiment name."
+            )
+        return exp.experiment_id
+
+    def _default_artifact_location(self) -> str | None:
+        """For sqlite stores: ``<db dir>/mlartifacts/<experiment>``, so artifacts sit by the db."""
+        parsed = urlparse(self.tracking_uri)
+        if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+            return None
+        db = Path(parsed.path[1:]).resolve()  # sqlite:///rel.db → "/rel.db"; ////abs → "//abs"
+        return (db.parent / "mlartifacts" / sanitize_name(self.experiment)).as_uri()
+
+    def _require_started(self) -> tuple[MlflowClient, str]:
+        if self._client is None or self.parent_run_id is None or not self._parent_open:
+            raise RuntimeError("MlflowTracker.log_experiment called outside start()/finish()")
+        return self._client, self.parent_run_id
+
+    def _unique_child_name(self, name: str) -> str:
+        unique, i = name, 1
+        while unique in self._child_names:
+            i += 1
+            unique = f"{name}#{i}"
+        self._child_names.add(unique)
+        return unique
+
+    def _parent_headline(self, name: str, headline: Mapping[str, float]) -> dict[str, float]:
+        """Headline metrics as named on the parent (see the collision rule in the module doc)."""
+        keys = {mlflow_key(k): v for k, v in headline.items()}
+        if self._parent_metric_keys & keys.keys():
+            keys = {mlflow_key(f"{sanitize_name(name)}/{k}"): v for k, v in keys.items()}
+        self._parent_metric_keys |= keys.keys()
+        return keys
+
+    def _end_child(self, status: RunStatus) -> None:
+        if self._child_run_id is not None and self._client is not None:
+            child, self._child_run_id = self._child_run_id, None
+            self._client.set_terminated(child, status)
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        entries = [Param(k, v) for k, v in {mlflow_key(k): v for k, v in params.items()}.items()]
+        for chunk in _chunks(entries, BATCH_LIMIT):
+            self._client.log_batch(run_id, params=chunk)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        entries = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()]
+        for chunk in _chunks(entries, BATCH_LIMIT):
+            self._client.log_batch(run_id, metrics=chunk)
+
+    def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
+        """Upload `files` (relative path → bytes) in one call, keeping their folders."""
+        if not files:
+            return
+        with tempfile.TemporaryDirectory(prefix="mi_spec_artifacts_") as tmp:
+            for rel, data in files.items():
+                path = Path(tmp, *(sanitize_name(p) for p in rel.split("/") if p))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            self._client.log_artifacts(run_id, tmp)
+
+
+def _report_files(report: ExperimentReport) -> dict[str, bytes]:
+    """A report's artifacts: tables as CSV, figures as PNG, warnings as text."""
+    files = {_suffixed(n, ".csv"): _csv_bytes(rows) for n, rows in report.tables.items()}
+    files |= {_png_name(n): data for n, data in report.figures.items()}
+    if report.warnings:
+        files["warnings.txt"] = ("\n".join(report.warnings) + "\n").encode()
+    return files
+
+
+def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Rows as CSV; the header is the union of keys in first-seen order."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _suffixed(name: str, suffix: str) -> str:
+    return name if name.lower().endswith(suffix) else name + suffix
+
+
+def _png_name(name: str) -> str:
+    return _suffixed(name, ".png")
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _is_windows_path(uri: str) -> bool:
+    return bool(re.match(r"^[A-Za-z]:[\\/]", uri))
+
+
+def _probe_http(uri: str) -> None:
+    """Fail fast when an http(s) store refuses connections, instead of MLflow's long retries.
+
+    Any HTTP answer counts as reachable; only connection errors and timeouts fail.
+    """
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    timeout = min(float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")), _PROBE_TIMEOUT_S)
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise MiSpecError(
+            f"cannot reach MLflow tracking server {uri!r}: {type(e).__name__}: {e}\n"
+            "Is `mlflow server` running there? Otherwise point the tracking URI elsewhere."
+        ) from e
