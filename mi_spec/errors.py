@@ -43,9 +43,17 @@ class SpecError(MiSpecError):
 
 
 class ResolveError(MiSpecError):
-    """The spec is well-formed but names something that does not exist (site, callable, file)."""
+    """The spec is well-formed but names something that does not exist (site, callable, file).
+
+    ``field`` is the path of the offending field within its section, when known, so the error
+    can be located in the hypothesis file.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, field: tuple[str | int, ...] = ()):
+        super().__init__(message)
+        self.field = field
 
 
 class ExecutionError(MiSpecError):

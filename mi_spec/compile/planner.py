@@ -56,6 +56,7 @@ def compile_plan(study: Study) -> Plan:
         model_dir=study.model.hf_dir,
         data_hash=study.data.content_hash(),
         n_rows=len(study.data),
+        max_len=study.data.max_len,
     )
     sites = {s: study.bind(s) for s in sorted({s for j in jobs for s in j.sites})}
     positions = {

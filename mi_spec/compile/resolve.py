@@ -59,11 +59,11 @@ def resolve(spec: Spec, doc: LoadedDoc) -> Study:
     try:
         model = load_model(spec.model, base)
     except MiSpecError as e:
-        raise SpecError([issue_at(doc, ("model",), str(e))]) from None
+        raise SpecError([issue_at(doc, ("model", *getattr(e, "field", ())), str(e))]) from None
     try:
         data = load_dataset(spec.data, base, model.hf_dir)
     except MiSpecError as e:
-        raise SpecError([issue_at(doc, ("data",), str(e))]) from None
+        raise SpecError([issue_at(doc, ("data", *getattr(e, "field", ())), str(e))]) from None
     dims = model.adapter.dims(model.module)
     study = Study(
         spec,

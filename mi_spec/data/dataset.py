@@ -80,11 +80,14 @@ def _load(section_json: str, base_dir: str, model_dir: str | None) -> Dataset:
 
 def _read_rows(section: DataSection, base_dir: Path) -> list[dict[str, Any]]:
     if section.generator is not None:
-        fn = import_ref(section.generator)
+        try:
+            fn = import_ref(section.generator)
+        except ResolveError as e:
+            raise ResolveError(str(e), ("generator",)) from None
         try:
             rows = fn(**section.params)
         except TypeError as e:
-            raise ResolveError(f"data.generator {section.generator}: {e}") from None
+            raise ResolveError(f"data.generator {section.generator}: {e}", ("params",)) from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ResolveError(
                 f"data.generator {section.generator} must return a list of row dicts, "
@@ -99,12 +102,12 @@ def _read_rows(section: DataSection, base_dir: Path) -> list[dict[str, Any]]:
         return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def resolve_path(path: str, base_dir: Path) -> Path:
+def resolve_path(path: str, base_dir: Path, field: str = "path") -> Path:
     """A path relative to the hypothesis file's folder (absolute paths pass through)."""
     p = Path(path)
     p = p if p.is_absolute() else base_dir / p
     if not p.exists():
-        raise ResolveError(f"file not found: {p}")
+        raise ResolveError(f"file not found: {p}", (field,))
     return p
 
 
@@ -136,7 +139,7 @@ def _tokenize(
     where = section.tokenizer or model_dir
     if where is None:
         raise ResolveError("data.text needs data.tokenizer (a local directory) or an hf model")
-    directory = resolve_path(where, base_dir) if section.tokenizer else Path(where)
+    directory = resolve_path(where, base_dir, "tokenizer") if section.tokenizer else Path(where)
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     texts = [str(r.get(section.text or "")) for r in rows]
     tokens = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]

@@ -43,7 +43,7 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
     if section.factory is not None:
         module = _from_factory(section)
     elif section.hf is not None:
-        hf_dir = str(resolve_path(section.hf, base_dir))
+        hf_dir = str(resolve_path(section.hf, base_dir, "hf"))
         module = _from_hf_dir(hf_dir)
     else:
         module = _from_hf_config(section.hf_config or {}, section.seed)
@@ -53,7 +53,7 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
             "expected a torch.nn.Module"
         )
     if section.checkpoint is not None:
-        _load_checkpoint(module, resolve_path(section.checkpoint, base_dir))
+        _load_checkpoint(module, resolve_path(section.checkpoint, base_dir, "checkpoint"))
     device = pick_device(section.device)
     module = module.to(device=device, dtype=_DTYPES[section.dtype]).eval()
     for p in module.parameters():
@@ -63,12 +63,15 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
 
 
 def _from_factory(section: ModelSection) -> Any:
-    fn = import_ref(section.factory or "")
+    try:
+        fn = import_ref(section.factory or "")
+    except ResolveError as e:
+        raise ResolveError(str(e), ("factory",)) from None
     torch.manual_seed(section.seed)
     try:
         return fn(**section.kwargs)
     except TypeError as e:
-        raise ResolveError(f"model.factory {section.factory}: {e}") from None
+        raise ResolveError(f"model.factory {section.factory}: {e}", ("kwargs",)) from None
 
 
 def _from_hf_dir(directory: str) -> torch.nn.Module:
@@ -88,7 +91,7 @@ def _from_hf_config(config: dict[str, Any], seed: int) -> torch.nn.Module:
     try:
         cfg = AutoConfig.for_model(model_type, **params)
     except (ValueError, KeyError) as e:
-        raise ResolveError(f"model.hf_config: {e}") from None
+        raise ResolveError(f"model.hf_config: {e}", ("hf_config",)) from None
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -97,12 +100,14 @@ def _load_checkpoint(module: torch.nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which
-        raise ResolveError(f"model.checkpoint {path}: cannot read it ({e})") from None
+        raise ResolveError(f"model.checkpoint {path}: cannot read it ({e})", ("checkpoint",)) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise ResolveError(f"model.checkpoint {path} does not fit the model: {e}") from None
+        raise ResolveError(
+            f"model.checkpoint {path} does not fit the model: {e}", ("checkpoint",)
+        ) from None
 
 
 def weights_hash(module: torch.nn.Module) -> str:

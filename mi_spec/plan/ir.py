@@ -48,6 +48,7 @@ class DataRef(Frozen):
     model_dir: str | None = None  # tokenizer fallback for text datasets
     data_hash: str
     n_rows: int
+    max_len: int  # longest row in tokens (for memory estimates)
 
 
 class Intervention(Frozen):

@@ -126,7 +126,9 @@ class MetricSection(Section):
     """
 
     kind: Literal["loss", "logit_diff", "kl", "accuracy", "prob"] = "loss"
-    at: str = Field("last", description="A named position (data.positions, 'last' or 'all')")
+    at: str | int = Field(
+        "last", description="A named position (data.positions, 'last' or 'all') or an int"
+    )
     target: str | None = Field(
         None, description="Column with the target token id per row; default: the next token"
     )

@@ -1,0 +1,27 @@
+"""JSON Schemas of the hypothesis file, for editors (``# yaml-language-server: $schema=...``) and
+for the CI check that the committed schema is current."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mi_spec.compile.spec import Spec
+
+
+def hypothesis_schema() -> dict:
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mi_spec hypothesis"
+    return schema
+
+
+def render(schema: dict) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "hypothesis.schema.json"
+    path.write_text(render(hypothesis_schema()))
+    return [path]

@@ -1,0 +1,51 @@
+"""A readable summary of a Plan: per experiment, its jobs, forward passes, sites, examples, and an
+estimate of peak activation memory per pass (so a study that cannot fit says so up front)."""
+
+from __future__ import annotations
+
+from mi_spec.plan.ir import Job, Plan
+
+BYTES = 4  # fp32 activations
+
+
+def pass_rows(job: Job, max_rows: int) -> int:
+    """Rows in the largest forward pass of a job (variants are packed as extra rows)."""
+    per_pass = max(1, max_rows // max(1, len(job.rows)))
+    return len(job.rows) * min(per_pass, len(job.variants) + 1)
+
+
+def peak_bytes(plan: Plan, job: Job, seq_len: int) -> int:
+    """Rough peak of one pass: logits + a few residual-width tensors per layer, for every row."""
+    d = plan.dims
+    rows = pass_rows(job, plan.max_batch_rows)
+    per_token = 2 * d["d_vocab"] + 6 * d["d_model"] + 4 * d["n_heads"] * seq_len
+    return BYTES * rows * seq_len * per_token
+
+
+def summarize(plan: Plan) -> str:
+    seq = plan.data.max_len
+    lines = [
+        f"plan {plan.content_hash} for hypothesis {plan.hypothesis!r}",
+        f"  model: {plan.model.section.get('factory') or plan.model.section.get('hf') or 'hf_config'}"
+        f" (adapter {plan.model.adapter}, weights {plan.model.weights_hash})",
+        f"  data: {plan.data.n_rows} rows (hash {plan.data.data_hash}); metric {plan.metric['kind']}"
+        f" at {plan.metric['at']!r}",
+        f"  {len(plan.jobs)} jobs, {sum(j.forward_passes(plan.max_batch_rows) for j in plan.jobs)}"
+        f" forward passes, up to {plan.max_batch_rows} rows per pass",
+    ]
+    for exp in plan.experiments:
+        jobs = plan.jobs_for(exp.name)
+        if not jobs:
+            continue
+        passes = sum(j.forward_passes(plan.max_batch_rows) for j in jobs)
+        rows = sum(len(j.rows) for j in jobs)
+        peak = max(peak_bytes(plan, j, seq) for j in jobs)
+        lines += [
+            f"\n  {exp.name} ({exp.kind})",
+            f"    {len(jobs)} jobs x {len(jobs[0].variants)} variants on {rows} examples;"
+            f" source: {jobs[0].source}",
+            f"    {passes} forward passes ({passes / max(1, len(jobs)):.1f} per job);"
+            f" est. peak activations {peak / 2**20:.1f} MiB per pass",
+            f"    sites: {', '.join(sorted({s for j in jobs for s in j.sites}))}",
+        ]
+    return "\n".join(lines)
