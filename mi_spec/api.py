@@ -97,6 +97,9 @@ def study_record(study: Study, plan: Plan) -> StudyRecord:
     params = flatten_params(resolved) | {
         "model.weights_hash": study.model.weights_hash,
         "model.adapter": study.model.adapter.name,
+        "model.attn_implementation": str(
+            getattr(getattr(study.model.module, "config", None), "_attn_implementation", "eager")
+        ),
         "data.hash": plan.data.data_hash,
         "data.rows": str(plan.data.n_rows),
         "plan.hash": plan.content_hash,

@@ -7,6 +7,7 @@ an edited copy. nnsight installs its hooks for the trace and removes them when i
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,11 +75,11 @@ def probe_order(
 class Engine:
     """A model wrapped with nnsight, plus its forward order."""
 
-    def __init__(self, model: torch.nn.Module, sample: torch.Tensor, pass_mask: bool = True):
+    def __init__(self, model: torch.nn.Module, sample: torch.Tensor):
         self.model = model
         self.nn = NNsight(model)
         self.order, self.calls = probe_order(model, sample)
-        self.pass_mask = pass_mask
+        self.pass_mask = _accepts_mask(model)
         self.device = next(model.parameters()).device
 
     def check_binding(self, site: SiteBinding) -> None:
@@ -147,6 +148,14 @@ class Engine:
         for part in path.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
+
+
+def _accepts_mask(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``attention_mask`` (HF models and the zoo do)."""
+    params = inspect.signature(model.forward).parameters
+    return "attention_mask" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
 
 
 def _binding_of(pair: tuple[list[Read], list[Write]]) -> SiteBinding:

@@ -16,6 +16,7 @@ from mi_spec.data.positions import resolve_role
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, Read, Write
 from mi_spec.execute.metrics import make_targets, picked_logits, score
+from mi_spec.execute.ops import register_op
 from mi_spec.plan.ir import Job, JobResult, Plan, Variant
 from mi_spec.spec.sections import MetricSection, PositionSpec
 
@@ -40,6 +41,7 @@ def make_batch(data: Dataset, rows: list[int], device: torch.device) -> Batch:
     return Batch(torch.tensor(ids, device=device), torch.tensor(mask, device=device), data, rows)
 
 
+@register_op("patch")
 def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     """Execute ``job`` and return per-row metric values (clean, source, one row per variant)."""
     t0 = time.perf_counter()

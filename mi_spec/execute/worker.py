@@ -11,7 +11,7 @@ import torch
 from mi_spec.data.dataset import Dataset, load_dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine
-from mi_spec.execute.run_job import run_job
+from mi_spec.execute.ops import op_for
 from mi_spec.models.load import LoadedModel, load_model
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.spec.sections import DataSection, ModelSection
@@ -57,4 +57,4 @@ def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
 def execute_job(plan: Plan, job: Job) -> JobResult:
     """Run one job in this process (the function Dask workers call)."""
     state = loaded_for(plan)
-    return run_job(job, plan, state.engine, state.data)
+    return op_for(job.op)(job, plan, state.engine, state.data)

@@ -64,19 +64,27 @@ class Variant(Frozen):
 
 
 class Job(Frozen):
-    """One unit of work for one worker; ``id`` is the content hash used by the result cache."""
+    """One unit of work for one worker; ``id`` is the content hash used by the result cache.
+
+    ``op`` names the executor routine (``execute/ops.py``); ``patch`` is the default sweep op.
+    Other ops keep their op-specific, JSON-able inputs in ``params``.
+    """
 
     id: str = ""
     experiment: str
+    op: str = "patch"
+    params: dict[str, Any] = Field(default_factory=dict)
     rows: tuple[int, ...]
-    source: Literal["rows", "column", "zero", "mean"]
+    source: Literal["rows", "column", "zero", "mean", "none"] = "none"
     source_rows: tuple[int, ...] = ()  # "rows": one per base row; "mean": rows to average
     source_column: str | None = None  # "column": a column holding counterfactual token ids
-    variants: tuple[Variant, ...]
+    variants: tuple[Variant, ...] = ()
+    extra_sites: tuple[str, ...] = ()  # sites an op touches outside variants (bound in the plan)
 
     @property
     def sites(self) -> list[str]:
-        return sorted({i.site for v in self.variants for i in v.interventions})
+        used = {i.site for v in self.variants for i in v.interventions}
+        return sorted(used | set(self.extra_sites))
 
     def forward_passes(self, max_rows: int) -> int:
         """Source/mean passes + patched passes (clean + variants, packed ``max_rows`` rows a pass)."""
@@ -144,5 +152,6 @@ class JobResult(Frozen):
     job_id: str
     clean: tuple[float, ...]
     source: tuple[float, ...] | None = None
-    variants: tuple[tuple[float, ...], ...]
+    variants: tuple[tuple[float, ...], ...] = ()
+    extra: dict[str, Any] = Field(default_factory=dict)  # op-specific JSON-able outputs
     seconds: float = 0.0

@@ -1,0 +1,34 @@
+"""Job ops: the executor routines a Job can name. ``patch`` (sweeps of interventions) is built in;
+a kind needing a new op registers one here from its own ``execute/`` module (rare; review it)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from mi_spec.data.dataset import Dataset
+from mi_spec.execute.engine import Engine
+from mi_spec.plan.ir import Job, JobResult, Plan
+
+Op = Callable[[Job, Plan, Engine, Dataset], JobResult]
+
+_OPS: dict[str, Op] = {}
+_BUILTIN = {"patch": "mi_spec.execute.run_job"}
+
+
+def register_op(name: str) -> Callable[[Op], Op]:
+    def deco(fn: Op) -> Op:
+        if name in _OPS and _OPS[name] is not fn:
+            raise ValueError(f"job op {name!r} registered twice")
+        _OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def op_for(name: str) -> Op:
+    if name not in _OPS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _OPS:
+        raise KeyError(f"unknown job op {name!r}; known: {', '.join(sorted(_OPS | _BUILTIN))}")
+    return _OPS[name]
