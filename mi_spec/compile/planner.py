@@ -26,6 +26,8 @@ def compile_context(study: Study) -> CompileContext:
         bind=study.bind,
         metric=study.spec.metric,
         dims=study.dims,
+        causal=study.causal,
+        correspondence=dict(study.spec.correspondence),
     )
 
 

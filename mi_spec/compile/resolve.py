@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from mi_spec.causal.graph import CausalModel
 from mi_spec.data.dataset import Dataset, load_dataset
 from mi_spec.data.positions import position_table
 from mi_spec.errors import MiSpecError, ResolveError, SpecError, SpecIssue
@@ -35,6 +36,7 @@ class Study:
     positions: dict[str, PositionSpec]
     dims: Dims
     vocabulary: list[str] = field(default_factory=list)
+    causal: CausalModel | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -75,6 +77,10 @@ def resolve(spec: Spec, doc: LoadedDoc) -> Study:
         model.adapter.vocabulary(model.module),
     )
     issues = _check_correspondence(study)
+    try:
+        study.causal = CausalModel(spec.variables, set(data.columns))
+    except MiSpecError as e:
+        issues.append(issue_at(doc, ("variables", *getattr(e, "field", ())), str(e)))
     if issues:
         raise SpecError(issues)
     return study

@@ -12,12 +12,13 @@ import importlib
 import pkgutil
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from pydantic import Field
 
 from mi_spec.analysis.report import ExperimentReport
+from mi_spec.causal.graph import CausalModel
 from mi_spec.data.dataset import Dataset
 from mi_spec.plan.ir import Job, JobResult
 from mi_spec.sites.adapter import Dims, SiteBinding
@@ -52,6 +53,8 @@ class CompileContext:
     bind: Callable[[str], SiteBinding]
     metric: MetricSection
     dims: Dims
+    causal: CausalModel | None = None  # the high-level model (variables), when declared
+    correspondence: dict[str, list[str]] = field(default_factory=dict)  # variable -> sites
 
 
 class ExperimentKind(Protocol):

@@ -62,7 +62,7 @@ class RunnerProfile(BaseModel):
         None, description="cluster: the scheduler's address, e.g. tcp://host:8786"
     )
     retries: int = Field(2, ge=0, description="Extra attempts for a failing job before giving up")
-    gpu: bool | Literal["auto"] = Field(
+    gpu: Literal[True, False, "auto"] = Field(
         "auto",
         description="Request the Dask resource GPU=1 per job; auto: when CUDA is available "
         "(local) or a worker advertises a GPU resource (cluster)",

@@ -152,8 +152,15 @@ class Variable(Section):
     value: str | None = Field(
         None, description="A safe expression over tokens, columns, `pos` and other variables"
     )
-    fn: Ref | None = Field(None, description=f"{REF_HELP} (row dict, values dict) -> value")
-    per_position: bool = Field(False, description="The value differs by position")
+    fn: Ref | None = Field(
+        None, description=f"{REF_HELP} called as fn(row, values[, pos]) -> value"
+    )
+    parents: list[str] = Field(
+        default_factory=list, description="For fn: the variables it reads (the graph's edges)"
+    )
+    per_position: bool = Field(
+        False, description="One value per token position (the expression may use `pos`)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Variable:
