@@ -21,6 +21,8 @@ class ExperimentReport:
     params: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "effects.csv" -> rows
     figures: dict[str, bytes] = field(default_factory=dict)  # "heatmap.png" -> PNG bytes
+    files: dict[str, bytes] = field(default_factory=dict)  # other artifacts ("rotation.pt")
+    series: dict[str, list[float]] = field(default_factory=dict)  # metric -> values by step
     warnings: list[str] = field(default_factory=list)
 
 

@@ -119,7 +119,7 @@ class Engine:
         try:
             with torch.no_grad(), self.nn.trace(ids, **kwargs):
                 for (module, io), (site_reads, site_writes) in ordered:
-                    env = self._envoy(module)
+                    env = self.envoy(module)
                     act = env.input if io == "input" else env.output
                     for r in site_reads:
                         out[r.key] = _gather(act, r.site, r.pos).clone()
@@ -143,7 +143,8 @@ class Engine:
         logits = result.logits if hasattr(result, "logits") else result
         return logits, out
 
-    def _envoy(self, path: str) -> Any:
+    def envoy(self, path: str) -> Any:
+        """The nnsight envoy of the module at dotted ``path``."""
         env: Any = self.nn
         for part in path.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)

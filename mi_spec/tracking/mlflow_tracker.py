@@ -125,6 +125,7 @@ class MlflowTracker:
         try:
             self._log_params(child, flatten_params(report.params))
             self._log_metrics(child, report.metrics)
+            self._log_series(child, report.series)
             self._log_files(child, _report_files(report))
             client.set_terminated(child, "FINISHED")
             self._child_run_id = None
@@ -256,6 +257,17 @@ class MlflowTracker:
         for chunk in _chunks(entries, BATCH_LIMIT):
             self._client.log_batch(run_id, metrics=chunk)
 
+    def _log_series(self, run_id: str, series: Mapping[str, list[float]]) -> None:
+        """Per-step metrics (training curves): value i is logged at step i."""
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(mlflow_key(k), float(v), now, step)
+            for k, values in series.items()
+            for step, v in enumerate(values)
+        ]
+        for chunk in _chunks(entries, BATCH_LIMIT):
+            self._client.log_batch(run_id, metrics=chunk)
+
     def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
         """Upload `files` (relative path → bytes) in one call, keeping their folders."""
         if not files:
@@ -272,6 +284,7 @@ def _report_files(report: ExperimentReport) -> dict[str, bytes]:
     """A report's artifacts: tables as CSV, figures as PNG, warnings as text."""
     files = {_suffixed(n, ".csv"): _csv_bytes(rows) for n, rows in report.tables.items()}
     files |= {_png_name(n): data for n, data in report.figures.items()}
+    files |= dict(report.files)
     if report.warnings:
         files["warnings.txt"] = ("\n".join(report.warnings) + "\n").encode()
     return files

@@ -145,8 +145,9 @@ def test_slurm_without_dask_jobqueue_says_how_to_install(monkeypatch):
     from mi_spec.schedule.dask_runner import open_client
 
     monkeypatch.setitem(__import__("sys").modules, "dask_jobqueue", None)
-    with pytest.raises(MiSpecError, match="pip install dask-jobqueue"), open_client(
-        load_profile("slurm")
+    with (
+        pytest.raises(MiSpecError, match="pip install dask-jobqueue"),
+        open_client(load_profile("slurm")),
     ):
         pass
 
