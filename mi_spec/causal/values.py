@@ -61,7 +61,9 @@ def parse(expr: str) -> ast.Expression:
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError as e:
-        raise ExpressionError(f"invalid expression {expr!r}: {e.msg} at column {e.offset}") from None
+        raise ExpressionError(
+            f"invalid expression {expr!r}: {e.msg} at column {e.offset}"
+        ) from None
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):
             raise ExpressionError(

@@ -7,7 +7,6 @@ A ``MiSpecError`` prints as a message; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -38,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     def with_file(cmd: argparse.ArgumentParser, many: bool = False) -> None:
         cmd.add_argument("files" if many else "file", nargs="+" if many else None)
         cmd.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="PATH=VALUE",
             help="override a field, e.g. --set experiments.0.samples=512 (repeatable)",
         )
 
@@ -53,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run every experiment and log to MLflow")
     with_file(r)
-    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
-                   "or sqlite:///mlflow.db)")
+    r.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     r.add_argument("--experiment", default="mi_spec", help="MLflow experiment name")
     r.add_argument("--cache-dir", default=".mi_spec_cache", help="job result cache")
     r.add_argument("--no-cache", action="store_true", help="recompute every job")
@@ -73,8 +78,10 @@ def _validate(args: argparse.Namespace) -> int:
     for f in args.files:
         try:
             plan = api.validate(f, args.overrides)
-            print(f"ok: {f} ({len(plan.experiments)} experiments, {len(plan.jobs)} jobs, "
-                  f"{len(plan.sites)} sites checked)")
+            print(
+                f"ok: {f} ({len(plan.experiments)} experiments, {len(plan.jobs)} jobs, "
+                f"{len(plan.sites)} sites checked)"
+            )
         except MiSpecError as e:
             print(f"{e}", file=sys.stderr)
             failed = max(failed, e.exit_code)
@@ -102,8 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\n== {report.name}")
         for key, value in report.headline.items():
             if not key.endswith((".ci_low", ".ci_high")):
-                low, high = report.headline.get(f"{key}.ci_low"), report.headline.get(
-                    f"{key}.ci_high"
+                low, high = (
+                    report.headline.get(f"{key}.ci_low"),
+                    report.headline.get(f"{key}.ci_high"),
                 )
                 ci = f"  [{low:.3f}, {high:.3f}]" if low is not None else ""
                 print(f"  {key:<34} {value:8.4f}{ci}")

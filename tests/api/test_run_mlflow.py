@@ -37,9 +37,9 @@ def test_run_logs_parent_children_metrics_artifacts(study_file, tracking_uri, ca
     child = by_name["heads@tiny-study"]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     m = child.data.metrics
-    assert m["patch.metric.clean.ci_low"] <= m["patch.metric.clean"] <= m[
-        "patch.metric.clean.ci_high"
-    ]
+    assert (
+        m["patch.metric.clean.ci_low"] <= m["patch.metric.clean"] <= m["patch.metric.clean.ci_high"]
+    )
     assert len([k for k in m if k.startswith("patch.effect.L")]) == 3 * 8
     assert "patch.max_effect" in parent.data.metrics  # headline copied to the parent
     root = {a.path for a in client.list_artifacts(parent.info.run_id)}

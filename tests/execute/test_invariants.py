@@ -56,7 +56,9 @@ def test_reads_are_not_aliased_by_later_writes(setup):
     engine.run(ids, mask, writes=[Write(site, slice(None), None, torch.zeros(()))])
     assert torch.equal(got["x"], before)
     _, both = engine.run(
-        ids, mask, reads=[Read("x", site, None)],
+        ids,
+        mask,
+        reads=[Read("x", site, None)],
         writes=[Write(bind("L0.H1"), slice(None), None, torch.zeros(()))],
     )
     assert torch.equal(both["x"], before) is False  # read after an upstream write sees it
@@ -68,9 +70,7 @@ def test_hooks_are_gone_after_a_failing_step(setup):
     bad = Write(site, slice(None), None, torch.zeros(5, 5, 5))  # wrong shape: fails mid-pass
     with pytest.raises(ExecutionError, match="L1.resid_post"):
         engine.run(ids, mask, writes=[bad])
-    assert all(
-        not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
-    )
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     clean = model(ids)
     clean = clean.logits if hasattr(clean, "logits") else clean
     again, _ = engine.run(ids, mask)
@@ -100,8 +100,12 @@ def test_mis_mapped_adapter_is_caught_by_name():
     engine = Engine(model, ids[:1])
     with pytest.raises(ResolveError, match=r"L0.resid_mid != L0.resid_pre \+ L0.attn_out"):
         check_sites(
-            engine, [], ids, torch.ones_like(ids),
-            bind=lambda s: bind_site(wrong, model, s), n_layers=2,
+            engine,
+            [],
+            ids,
+            torch.ones_like(ids),
+            bind=lambda s: bind_site(wrong, model, s),
+            n_layers=2,
         )
 
 
@@ -114,7 +118,7 @@ def test_zero_ablating_a_site_that_writes_nothing_has_zero_effect():
     engine = Engine(model, ids[:1])
     site = bind_site(adapter_for(model), model, "L0.H1")
     clean, _ = engine.run(ids, torch.ones_like(ids))
-    ablated, _ = engine.run(ids, torch.ones_like(ids), writes=[
-        Write(site, slice(None), None, torch.zeros(()))
-    ])
+    ablated, _ = engine.run(
+        ids, torch.ones_like(ids), writes=[Write(site, slice(None), None, torch.zeros(()))]
+    )
     assert torch.equal(clean, ablated)

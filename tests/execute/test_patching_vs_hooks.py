@@ -110,7 +110,7 @@ def reference_job(model, plan, data, job, metric):
     if metric["target"]:
         targets = [[r[metric["target"]]] for r in base_rows]
     else:
-        targets = [[r["tokens"][p + 1] for p in ps] for r, ps in zip(base_rows, m_pos)]
+        targets = [[r["tokens"][p + 1] for p in ps] for r, ps in zip(base_rows, m_pos, strict=True)]
     wrong = [[r[metric["wrong"]]] for r in base_rows] if metric["wrong"] else None
     sites = [plan.sites[s] for s in job.sites]
     if job.source == "rows":

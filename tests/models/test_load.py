@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from mi_spec.api import compile_file
 from mi_spec.errors import ResolveError, SpecError
 from mi_spec.models.load import load_model
 from mi_spec.spec.sections import ModelSection
-from mi_spec.api import compile_file
 
 
 def test_factory_with_checkpoint_roundtrip(tmp_path):
@@ -78,9 +78,7 @@ def test_local_hf_dir_and_text_dataset(tmp_path):
 
 def test_missing_hf_dir_is_located(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"tokens": [1, 2, 3]}\n')
-    (tmp_path / "h.yaml").write_text(
-        "name: x\nmodel:\n  hf: nowhere\ndata: {path: rows.jsonl}\n"
-    )
+    (tmp_path / "h.yaml").write_text("name: x\nmodel:\n  hf: nowhere\ndata: {path: rows.jsonl}\n")
     with pytest.raises(SpecError) as e:
         compile_file(tmp_path / "h.yaml")
     assert "h.yaml:3:" in str(e.value) and "nowhere" in str(e.value)
