@@ -19,7 +19,8 @@ from mi_spec.execute.worker import loaded_for
 from mi_spec.experiments.base import kinds
 from mi_spec.plan.ir import Plan, content_hash
 from mi_spec.schedule.progress import Progress
-from mi_spec.schedule.synchronous import run_synchronous
+from mi_spec.schedule.dispatch import run_plan
+from mi_spec.schedule.profiles import RunnerProfile, load_profile
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
 
@@ -70,15 +71,23 @@ def run(
     tracker: Tracker,
     overrides: Sequence[str] = (),
     cache_dir: str | Path | None = DEFAULT_CACHE,
+    runner: RunnerProfile | str = "local",
+    scheduler: str | None = None,
 ) -> RunResult:
-    """Run every experiment in the file and log the study to ``tracker``."""
+    """Run every experiment in the file and log the study to ``tracker``.
+
+    ``runner`` is a profile (or its name/path: synchronous, local, cluster, slurm); ``scheduler``
+    (``tcp://host:8786``) sends the same plan to an existing Dask cluster instead.
+    """
+    profile = load_profile(runner) if isinstance(runner, str) else runner
     study, plan = compile_file(path, overrides)
     result = RunResult(plan)
-    with tracking(tracker, study_record(study, plan)):
+    where = "cluster" if scheduler else profile.kind
+    with tracking(tracker, study_record(study, plan, where)):
         check_plan_sites(study, plan)
         cache = ResultCache(cache_dir) if cache_dir else None
         progress = Progress(len(plan.jobs))
-        results = run_synchronous(plan, plan.jobs, cache, progress)
+        results = run_plan(plan, plan.jobs, cache, progress, profile, address=scheduler)
         progress.close()
         ctx = compile_context(study)
         table = kinds()
@@ -91,7 +100,7 @@ def run(
     return result
 
 
-def study_record(study: Study, plan: Plan) -> StudyRecord:
+def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> StudyRecord:
     """Params (resolved spec with defaults, hashes, versions), tags and text artifacts."""
     resolved = study.spec.model_dump(mode="json")
     params = flatten_params(resolved) | {
@@ -112,7 +121,7 @@ def study_record(study: Study, plan: Plan) -> StudyRecord:
         "mi_spec.spec_hash": content_hash(resolved),
         "mi_spec.file": str(study.doc.path),
         "mi_spec.model": study.model.weights_hash,
-        "mi_spec.runner": "synchronous",
+        "mi_spec.runner": runner,
     }
     artifacts = {
         "resolved.yaml": dump_yaml(resolved),

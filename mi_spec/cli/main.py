@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment", default="mi_spec", help="MLflow experiment name")
     r.add_argument("--cache-dir", default=".mi_spec_cache", help="job result cache")
     r.add_argument("--no-cache", action="store_true", help="recompute every job")
+    r.add_argument(
+        "--runner",
+        default="local",
+        help="runner profile: synchronous | local | cluster | slurm, or a YAML file "
+        "(default: local, an embedded Dask LocalCluster)",
+    )
+    r.add_argument(
+        "--scheduler", metavar="tcp://HOST:8786", help="run on an existing Dask scheduler"
+    )
     r.set_defaults(func=_run)
 
     s = sub.add_parser("schema", help="write the JSON Schema of hypothesis files")
@@ -103,7 +112,12 @@ def _run(args: argparse.Namespace) -> int:
 
     tracker = MlflowTracker(args.tracking_uri, experiment=args.experiment)
     result = api.run(
-        args.file, tracker, args.overrides, cache_dir=None if args.no_cache else args.cache_dir
+        args.file,
+        tracker,
+        args.overrides,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        runner=args.runner,
+        scheduler=args.scheduler,
     )
     for report in result.reports:
         print(f"\n== {report.name}")

@@ -22,6 +22,11 @@ def render(schema: dict) -> str:
 
 def write_schemas(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "hypothesis.schema.json"
-    path.write_text(render(hypothesis_schema()))
-    return [path]
+    from mi_spec.schedule.profiles import profile_schema
+
+    written = []
+    for name, schema in (("hypothesis", hypothesis_schema()), ("runner", profile_schema())):
+        path = out / f"{name}.schema.json"
+        path.write_text(render(schema))
+        written.append(path)
+    return written

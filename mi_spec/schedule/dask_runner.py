@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 
@@ -26,6 +26,7 @@ from mi_spec.schedule.progress import Progress
 
 CONNECT_TIMEOUT = "30s"  # how long to try reaching an existing scheduler
 GPU = {"GPU": 1}
+T = TypeVar("T")
 
 
 class WorkerSetup(WorkerPlugin):
@@ -33,35 +34,43 @@ class WorkerSetup(WorkerPlugin):
 
     name = "mi_spec-setup"
 
-    def __init__(self, threads: int, gpus: int = 0):
-        self.threads, self.gpus = threads, gpus
+    def __init__(self, threads: int, gpus: Sequence[str] = ()):
+        self.threads, self.gpus = threads, tuple(gpus)  # gpus: device ids to spread workers over
 
     def setup(self, worker: Any) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         if "transformers" in sys.modules:
             sys.modules["transformers"].logging.set_verbosity_error()
-        if self.gpus and isinstance(worker.name, int):
-            _pin_gpu(worker.name % self.gpus)
         import torch
 
+        if self.gpus and isinstance(worker.name, int):
+            index = worker.name % len(self.gpus)
+            if torch.cuda.is_initialized():
+                torch.cuda.set_device(index)
+            else:  # read when CUDA initialises: this worker sees one GPU, as cuda:0
+                os.environ["CUDA_VISIBLE_DEVICES"] = self.gpus[index]
         torch.set_num_threads(self.threads)
 
 
-def _pin_gpu(index: int) -> None:
+def with_torch_threads(threads: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with torch's intra-op threads set in this (Dask executor) thread: a setting
+    made elsewhere does not reach a thread whose thread pool already started."""
     import torch
 
-    if torch.cuda.is_initialized():
-        torch.cuda.set_device(index)
-        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _cuda_devices() -> list[str]:
+    """The ids of the GPUs this process may use (as CUDA_VISIBLE_DEVICES names them)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
-
-
-def _cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ids = [d.strip() for d in visible.split(",")] if visible else []
+    return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _say(message: str) -> None:
@@ -94,10 +103,10 @@ def open_client(
 
 @contextmanager
 def _local(profile: RunnerProfile, max_workers: int | None) -> Iterator[tuple[Client, bool]]:
-    gpus = _cuda_devices() if profile.gpu is not False else 0
+    gpus = _cuda_devices() if profile.gpu is not False else []
     if profile.gpu is True and not gpus:
         raise ExecutionError("runner profile asks for gpu: true, but CUDA is not available here")
-    n = profile.local_workers(gpus)
+    n = profile.local_workers(len(gpus))
     n = min(n, max_workers) if max_workers else n
     threads = str(profile.threads_per_worker)
     env = {
@@ -112,7 +121,7 @@ def _local(profile: RunnerProfile, max_workers: int | None) -> Iterator[tuple[Cl
         processes=True,
         host="127.0.0.1",
         memory_limit=profile.memory_limit,
-        dashboard_address=":0" if dashboard else None,
+        dashboard_address=":0",  # a free port (its HTTP server runs even without bokeh)
         resources=GPU if gpus else None,
         env=env,
     )
@@ -143,7 +152,7 @@ def _remote(address: str, profile: RunnerProfile) -> Iterator[tuple[Client, bool
                 "gpu: true, but no connected worker advertises a GPU resource (start workers "
                 "with `--resources GPU=1`); jobs wait for one"
             )
-        _setup(client, profile, 0, profile.dashboard)
+        _setup(client, profile, [], profile.dashboard)
         yield client, profile.gpu is True or (profile.gpu == "auto" and advertised)
     finally:
         client.close()
@@ -156,6 +165,7 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client,
     except ImportError:
         raise MiSpecError("kind: slurm needs dask-jobqueue: pip install dask-jobqueue") from None
     kwargs: dict[str, Any] = {"processes": 1, **opts.extra}
+    kwargs["scheduler_options"] = {"dashboard_address": ":0", **kwargs.get("scheduler_options", {})}
     if profile.gpu is True:
         kwargs["worker_extra_args"] = [*kwargs.get("worker_extra_args", []), "--resources", "GPU=1"]
         kwargs["job_extra_directives"] = [*kwargs.get("job_extra_directives", []), "--gres=gpu:1"]
@@ -165,14 +175,13 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client,
         cores=opts.cores,
         memory=opts.memory,
         walltime=opts.walltime,
-        scheduler_options={"dashboard_address": ":0" if profile.dashboard else None},
         **kwargs,
     )
     try:
         cluster.scale(jobs=opts.jobs)
         client = Client(cluster, set_as_default=False)
         try:
-            _setup(client, profile, 0, profile.dashboard)
+            _setup(client, profile, [], profile.dashboard)
             yield client, profile.gpu is True
         finally:
             client.close()
@@ -185,7 +194,7 @@ def _gpu_workers(client: Client) -> bool:
     return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
 
 
-def _setup(client: Client, profile: RunnerProfile, gpus: int, dashboard: bool) -> None:
+def _setup(client: Client, profile: RunnerProfile, gpus: list[str], dashboard: bool) -> None:
     client.register_plugin(WorkerSetup(profile.threads_per_worker, gpus))
     if dashboard and "dashboard" in client.scheduler_info().get("services", {}):
         _say(f"Dask dashboard: {client.dashboard_link}")
@@ -243,9 +252,13 @@ def _compute(
     resources = GPU if gpu else None
     cancelled: dict[str, int] = {}
 
+    order = {job.id: len(jobs) - i for i, job in enumerate(jobs)}  # plan order: earlier first
+
     def submit(job: Job) -> Future:
         n = cancelled.get(job.id, 0)
         return client.submit(
+            with_torch_threads,
+            profile.threads_per_worker,
             execute_job,
             plan_future,
             job,
@@ -253,6 +266,7 @@ def _compute(
             retries=profile.retries,
             pure=False,
             resources=resources,
+            priority=order[job.id],
         )
 
     pending = {submit(job): job for job in jobs}
@@ -262,22 +276,24 @@ def _compute(
             job = pending.pop(future)
             if future.status == "finished":
                 _store(future.result(), cache, progress, results)
-            elif future.status == "cancelled":  # e.g. the workers holding the plan all died
-                cancelled[job.id] = cancelled.get(job.id, 0) + 1
-                if cancelled[job.id] > profile.retries + 1:
-                    _finish_done(pending, cache, progress, results)
-                    raise ExecutionError(
-                        f"job {job.id} (experiment {job.experiment!r}) was cancelled "
-                        f"{cancelled[job.id]} times (workers lost?)"
-                    )
-                if plan_future.status != "finished":
-                    plan_future = client.scatter(shipped, broadcast=True, hash=False)
-                new = submit(job)
-                pending[new] = job
-                queue.add(new)
-            else:
+                continue
+            if future.status == "error":
                 _finish_done(pending, cache, progress, results)
                 raise _failure(job, future.exception(), profile.retries)
+            # cancelled or lost, e.g. every worker holding the plan died: submit again
+            cancelled[job.id] = cancelled.get(job.id, 0) + 1
+            if cancelled[job.id] > profile.retries + 1:
+                _finish_done(pending, cache, progress, results)
+                raise ExecutionError(
+                    f"job {job.id} (experiment {job.experiment!r}) was {future.status} "
+                    f"{cancelled[job.id]} times (workers lost?)"
+                )
+            if plan_future.status != "finished":
+                client.wait_for_workers(1)  # a replacement worker may take a while
+                plan_future = client.scatter(shipped, broadcast=True, hash=False)
+            new = submit(job)
+            pending[new] = job
+            queue.add(new)
     finally:
         if pending:
             client.cancel(list(pending))

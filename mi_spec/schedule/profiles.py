@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from mi_spec.errors import SpecError, SpecIssue
@@ -34,6 +41,14 @@ class SlurmOptions(BaseModel):
         default_factory=dict,
         description="Any other SLURMCluster keyword, e.g. job_extra_directives: ['--gres=gpu:1']",
     )
+
+    @field_validator("extra")
+    @classmethod
+    def _no_named_fields(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        named = sorted(set(extra) & (set(cls.model_fields) - {"extra"}))
+        if named:
+            raise ValueError(f"set {', '.join(named)} as slurm fields, not under extra")
+        return extra
 
 
 class RunnerProfile(BaseModel):

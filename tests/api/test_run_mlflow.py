@@ -52,9 +52,9 @@ def test_failed_study_is_marked_failed(study_file, tracking_uri, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(api, "run_synchronous", boom)
+    monkeypatch.setattr(api, "run_plan", boom)
     with pytest.raises(RuntimeError):
-        api.run(study_file(BODY), MlflowTracker(tracking_uri), cache_dir=None)
+        api.run(study_file(BODY), MlflowTracker(tracking_uri), cache_dir=None, runner="synchronous")
     _, runs = _runs(tracking_uri)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "worker died" in runs[0].data.tags["mi_spec.error"]
@@ -64,12 +64,12 @@ def test_cache_reuses_results(study_file, tracking_uri, tmp_path, monkeypatch):
     from mi_spec.tracking.base import InMemoryTracker
 
     path = study_file(BODY)
-    first = api.run(path, InMemoryTracker(), cache_dir=tmp_path / "cache")
+    first = api.run(path, InMemoryTracker(), cache_dir=tmp_path / "cache", runner="synchronous")
     calls = []
     import mi_spec.schedule.synchronous as sync
 
     original = sync.execute_job
     monkeypatch.setattr(sync, "execute_job", lambda *a: calls.append(1) or original(*a))
-    second = api.run(path, InMemoryTracker(), cache_dir=tmp_path / "cache")
+    second = api.run(path, InMemoryTracker(), cache_dir=tmp_path / "cache", runner="synchronous")
     assert calls == []
     assert first.reports[0].metrics == second.reports[0].metrics

@@ -1,13 +1,17 @@
-"""Dask execution: same results as synchronous (embedded cluster, existing scheduler), survives a
-killed worker, resumes an interrupted study from the cache, reports a job failing every retry."""
+"""Dask execution: same results as synchronous (embedded cluster, existing scheduler, Slurm),
+survives killed workers, resumes an interrupted study from the cache, reports a job failing every
+retry."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
+import torch
+from conftest import GPT2
 from distributed import LocalCluster
 
 from mi_spec.api import compile_file
@@ -15,16 +19,18 @@ from mi_spec.errors import ExecutionError
 from mi_spec.execute.cache import ResultCache
 from mi_spec.plan.ir import JobResult, Plan
 from mi_spec.schedule import dask_runner
-from mi_spec.schedule.dask_runner import run_dask
-from mi_spec.schedule.profiles import RunnerProfile
+from mi_spec.schedule.dask_runner import open_client, run_dask, with_torch_threads
+from mi_spec.schedule.profiles import RunnerProfile, SlurmOptions
 from mi_spec.schedule.progress import Progress
 from mi_spec.schedule.synchronous import run_synchronous
 
 BODY = "experiments:\n  - {kind: activation_patching, sites: ['L*.H*'], batch_size: %d}\n"
+# jobs slow enough (~0.1 s) for a worker to be busy when the first result arrives
+WIDER = GPT2.replace("n_embd: 32", "n_embd: 192")
 
 
 class CountingCache(ResultCache):
-    """Counts puts; ``stop_after`` puts, the next one raises KeyboardInterrupt (an interrupt)."""
+    """Counts puts; after ``stop_after`` puts the next one raises KeyboardInterrupt."""
 
     def __init__(self, root, stop_after: int | None = None):
         super().__init__(root)
@@ -37,13 +43,57 @@ class CountingCache(ResultCache):
         self.puts += 1
 
 
+class KillOnFirstResult(Progress):
+    """After the first computed result, SIGKILL a worker process of ``clusters[-1]``, one that is
+    running a job when there is one."""
+
+    def __init__(self, total: int, clusters: list[LocalCluster]):
+        super().__init__(total)
+        self.clusters, self.killed = clusters, None
+
+    def update(self, n: int = 1, cached: bool = False) -> None:
+        super().update(n, cached)
+        if self.killed is None and not cached:
+            cluster = self.clusters[-1]
+            busy = {w.address for w in list(cluster.scheduler.workers.values()) if w.processing}
+            nannies = list(cluster.workers.values())
+            nanny = next((n for n in nannies if n.worker_address in busy), nannies[0])
+            self.killed = nanny.pid
+            os.kill(nanny.pid, signal.SIGKILL)
+
+
 def values(results: dict[str, JobResult]) -> dict[str, tuple]:
     """Per-row values of each job (not its timing)."""
     return {k: (r.clean, r.source, r.variants) for k, r in results.items()}
 
 
-def cluster_profile(address: str, retries: int = 2) -> RunnerProfile:
-    return RunnerProfile(kind="cluster", address=address, retries=retries, dashboard=False)
+def cluster_profile(address: str, retries: int = 2, threads: int = 1) -> RunnerProfile:
+    return RunnerProfile(
+        kind="cluster",
+        address=address,
+        retries=retries,
+        threads_per_worker=threads,
+        dashboard=False,
+    )
+
+
+class RecordingCluster(LocalCluster):
+    """The embedded LocalCluster, remembered so that a test can reach its workers."""
+
+    made: list[LocalCluster] = []
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        RecordingCluster.made.append(self)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Synchronous reference runs in this process with one thread, like the workers (and fast)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -56,34 +106,71 @@ def study(study_file) -> tuple[Plan, dict[str, JobResult]]:
 
 @pytest.fixture(scope="module")
 def scheduler():
-    """An existing scheduler on loopback with one worker process (one thread)."""
+    """An existing scheduler with one worker, shared by this module's tests."""
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
     ) as cluster:
-        yield cluster.scheduler_address
+        yield cluster
 
 
-def test_local_cluster_matches_synchronous(study, tmp_path):
-    plan, expected = study
-    cache = CountingCache(tmp_path / "cache")
+def test_local_cluster_matches_synchronous_despite_a_killed_worker(
+    study_file, monkeypatch, tmp_path
+):
+    _, plan = compile_file(study_file(BODY % 1, model=WIDER))  # 16 jobs
+    expected = run_synchronous(plan, plan.jobs, None, Progress(16))
+    RecordingCluster.made.clear()
+    monkeypatch.setattr(dask_runner, "LocalCluster", RecordingCluster)
+    cache, progress = (
+        CountingCache(tmp_path / "cache"),
+        KillOnFirstResult(16, RecordingCluster.made),
+    )
     profile = RunnerProfile(kind="local", workers=2, threads_per_worker=1, dashboard=False)
-    got = run_dask(plan, plan.jobs, cache, Progress(4), profile)
+    got = run_dask(plan, plan.jobs, cache, progress, profile)
     assert list(got) == [j.id for j in plan.jobs]
     assert values(got) == values(expected)
-    assert cache.puts == 4 and all(cache.get(j.id) == got[j.id] for j in plan.jobs)
+    assert cache.puts == 16 and all(cache.get(j.id) == got[j.id] for j in plan.jobs)
+    (cluster,) = RecordingCluster.made
+    assert progress.killed is not None and cluster.status.name == "closed"
 
 
 def test_existing_scheduler_matches_synchronous(study, scheduler):
     plan, expected = study
-    got = run_dask(
-        plan, plan.jobs, None, Progress(4), cluster_profile("tcp://127.0.0.1:1"), scheduler
-    )
+    placeholder = cluster_profile("tcp://127.0.0.1:1")  # the address argument wins
+    got = run_dask(plan, plan.jobs, None, Progress(4), placeholder, scheduler.scheduler_address)
     assert values(got) == values(expected)
+
+
+def test_worker_setup_sets_torch_threads_and_quiets_transformers(scheduler):
+    def probe() -> tuple[int, str | None]:
+        return torch.get_num_threads(), os.environ.get("TRANSFORMERS_VERBOSITY")
+
+    for threads in (2, 1):
+        with open_client(cluster_profile(scheduler.scheduler_address, threads=threads)) as (
+            client,
+            gpu,
+        ):
+            task = client.submit(with_torch_threads, threads, probe, pure=False)
+            assert task.result() == (threads, "error")
+            assert gpu is False
+
+
+def test_worker_setup_plugin(monkeypatch):
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    threads = torch.get_num_threads()
+    try:
+        worker = type("FakeWorker", (), {"name": 3})()  # LocalCluster names workers 0, 1, ...
+        dask_runner.WorkerSetup(3, gpus=("3", "5")).setup(worker)
+        assert torch.get_num_threads() == 3
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # worker 3 of 2 GPUs: the second
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_interrupted_study_resumes_with_only_the_missing_jobs(study, scheduler, tmp_path):
     plan, expected = study
-    profile = cluster_profile(scheduler)
+    profile = cluster_profile(scheduler.scheduler_address)
     first = CountingCache(tmp_path / "cache", stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         run_dask(plan, plan.jobs, first, Progress(4), profile)
@@ -92,11 +179,9 @@ def test_interrupted_study_resumes_with_only_the_missing_jobs(study, scheduler, 
     got = run_dask(plan, plan.jobs, again, progress, profile)
     assert (progress.cached, again.puts) == (2, 2)  # exactly the missing jobs were computed
     assert values(got) == values(expected)
-    progress = Progress(4)  # all cached now: no cluster is even contacted
-    assert values(run_dask(plan, plan.jobs, again, progress, cluster_profile("tcp://h:1"))) == (
-        values(expected)
-    )
-    assert progress.cached == 4
+    progress = Progress(4)  # everything cached: no scheduler is even contacted
+    got = run_dask(plan, plan.jobs, again, progress, cluster_profile("tcp://127.0.0.1:1"))
+    assert values(got) == values(expected) and progress.cached == 4
 
 
 def test_job_failing_every_retry_is_reported_after_earlier_results_are_cached(
@@ -104,45 +189,15 @@ def test_job_failing_every_retry_is_reported_after_earlier_results_are_cached(
 ):
     plan, _ = study
     bad = plan.jobs[-1].model_copy(update={"id": "feedfacefeedface", "rows": (999,)})
-    jobs = [*plan.jobs[:3], bad]  # one worker thread: the good jobs run first
+    jobs = [*plan.jobs[:3], bad]  # one worker thread, plan order: the good jobs run first
     cache = CountingCache(tmp_path / "cache")
+    profile = cluster_profile(scheduler.scheduler_address, retries=1)
     with pytest.raises(ExecutionError) as err:
-        run_dask(plan, jobs, cache, Progress(4), cluster_profile(scheduler, retries=1))
+        run_dask(plan, jobs, cache, Progress(4), profile)
     message = str(err.value)
     assert "feedfacefeedface" in message and "'activation_patching'" in message
     assert "2 attempts" in message and err.value.__cause__ is not None
     assert cache.puts == 3 and all(cache.get(j.id) for j in plan.jobs[:3])
-
-
-class KillOnFirstResult(Progress):
-    """After the first computed result, SIGKILL a worker process that is running a job."""
-
-    def __init__(self, total: int, cluster: LocalCluster):
-        super().__init__(total)
-        self.cluster, self.killed = cluster, None
-
-    def update(self, n: int = 1, cached: bool = False) -> None:
-        super().update(n, cached)
-        if self.killed is None and not cached:
-            state = self.cluster.scheduler
-            busy = [w.address for w in state.workers.values() if w.processing]
-            nanny = next(n for n in self.cluster.workers.values() if n.worker_address in busy)
-            self.killed = nanny.pid
-            os.kill(nanny.pid, signal.SIGKILL)
-
-
-def test_study_survives_a_killed_worker(study_file):
-    _, plan = compile_file(study_file(BODY % 1))  # 16 jobs
-    expected = run_synchronous(plan, plan.jobs, None, Progress(16))
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        progress = KillOnFirstResult(16, cluster)
-        got = run_dask(plan, plan.jobs, None, progress, cluster_profile(cluster.scheduler_address))
-        assert progress.killed is not None
-        with pytest.raises(ProcessLookupError):
-            os.kill(progress.killed, 0)
-    assert values(got) == values(expected)
 
 
 def test_unreachable_scheduler_is_an_execution_error(study, monkeypatch):
@@ -154,3 +209,46 @@ def test_unreachable_scheduler_is_an_execution_error(study, monkeypatch):
     ):
         run_dask(plan, plan.jobs, None, Progress(4), cluster_profile("tcp://127.0.0.1:9"))
     assert time.perf_counter() - start < 10
+
+
+def test_study_survives_losing_its_only_worker(study_file, scheduler):
+    """The plan's only copy dies with the worker: it is sent again and the jobs resubmitted.
+    (The last test using the module's scheduler: its worker is replaced.)"""
+    _, plan = compile_file(study_file(BODY % 2, model=WIDER))  # 8 jobs
+    expected = run_synchronous(plan, plan.jobs, None, Progress(8))
+    progress = KillOnFirstResult(8, [scheduler])
+    profile = cluster_profile(scheduler.scheduler_address)
+    assert values(run_dask(plan, plan.jobs, None, progress, profile)) == values(expected)
+    assert progress.killed not in {nanny.pid for nanny in scheduler.workers.values()}
+
+
+class FakeSLURMCluster(LocalCluster):
+    """Stands in for dask_jobqueue.SLURMCluster: records its arguments, runs thread workers."""
+
+    seen: dict = {}
+
+    def __init__(self, **kwargs):
+        FakeSLURMCluster.seen = dict(kwargs)
+        super().__init__(n_workers=0, processes=False, threads_per_worker=1, dashboard_address=":0")
+
+    def scale(self, n: int = 0, jobs: int = 0, **kwargs) -> None:
+        FakeSLURMCluster.seen.setdefault("scaled", []).append(jobs)
+        super().scale(jobs)
+
+
+def test_slurm_profile_drives_a_slurm_cluster(study, monkeypatch):
+    plan, expected = study
+    fake = type(sys)("dask_jobqueue")
+    fake.SLURMCluster = FakeSLURMCluster
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", fake)
+    slurm = SlurmOptions(cores=2, memory="1GB", jobs=1, extra={"job_extra_directives": ["-x"]})
+    profile = RunnerProfile(kind="slurm", slurm=slurm, dashboard=False)
+    got = run_dask(plan, plan.jobs, None, Progress(4), profile)
+    assert values(got) == values(expected)
+    seen = FakeSLURMCluster.seen
+    assert (seen["cores"], seen["memory"], seen["processes"], seen["scaled"][0]) == (2, "1GB", 1, 1)
+    assert seen["job_extra_directives"] == ["-x"]
+    with open_client(profile.model_copy(update={"gpu": True})) as (_, gpu):
+        assert gpu is True
+    assert FakeSLURMCluster.seen["job_extra_directives"] == ["-x", "--gres=gpu:1"]
+    assert FakeSLURMCluster.seen["worker_extra_args"] == ["--resources", "GPU=1"]

@@ -127,6 +127,20 @@ def test_slurm_fields_are_located(tmp_path):
     assert any(f.startswith(f"{path}:2:1: slurm.memory: required") for f in found)
 
 
+def test_slurm_extra_cannot_repeat_a_named_field(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        kind: slurm
+        slurm:
+          cores: 4
+          memory: 8GB
+          extra: {cores: 8, job_extra_directives: []}
+        """,
+    )
+    assert issues(path) == [f"{path}:5:3: slurm.extra: set cores as slurm fields, not under extra"]
+
+
 def test_python_construction_checks_the_same_rules():
     with pytest.raises(ValueError, match="needs an `address`"):
         RunnerProfile(kind="cluster")
