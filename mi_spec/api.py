@@ -18,9 +18,9 @@ from mi_spec.execute.site_check import check_sites
 from mi_spec.execute.worker import loaded_for
 from mi_spec.experiments.base import kinds
 from mi_spec.plan.ir import Plan, content_hash
-from mi_spec.schedule.progress import Progress
 from mi_spec.schedule.dispatch import run_plan
 from mi_spec.schedule.profiles import RunnerProfile, load_profile
+from mi_spec.schedule.progress import Progress
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
 
