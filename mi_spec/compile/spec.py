@@ -34,7 +34,10 @@ class Spec(Section):
         default_factory=list, description="What to run; each item has a `kind`"
     )
     max_batch_rows: int = Field(
-        256, ge=1, description="Rows per forward pass when packing intervention variants"
+        64,
+        ge=1,
+        description="Rows per forward pass when packing intervention variants (on CPU, large "
+        "packed passes cost more in page faults than they save; raise it on GPUs)",
     )
 
     @model_validator(mode="after")

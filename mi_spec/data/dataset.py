@@ -10,7 +10,7 @@ import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from mi_spec.spec.refs import import_ref
 from mi_spec.spec.sections import DataSection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """Token rows (unpadded) and per-row columns. ``pad_id`` fills right padding."""
 
@@ -30,7 +30,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
+    @cached_property
     def lengths(self) -> list[int]:
         return [len(t) for t in self.tokens]
 

@@ -113,7 +113,7 @@ class Plan(Frozen):
     sites: dict[str, SiteBinding]  # every site any job touches, bound to this model
     experiments: tuple[ExperimentEntry, ...]
     jobs: tuple[Job, ...]
-    max_batch_rows: int = Field(256, description="Rows per forward pass when packing variants")
+    max_batch_rows: int = Field(64, description="Rows per forward pass when packing variants")
 
     def to_json(self, indent: int | None = 2) -> str:
         return self.model_dump_json(indent=indent)

@@ -1,11 +1,12 @@
 """Benchmark: what mi_spec's patching costs next to hand-written PyTorch hooks, measured in one run.
 
 A GPT-2-architecture model built from a config (random init, eval, CPU, 2 threads) runs batches of
-32 rows x 32 tokens. Every figure is the median of ``--repeats`` rounds after a warm-up round; the
-rounds interleave all cases (alternating order), so load drift on a shared machine hits mi_spec and
-its baselines alike. Ratios are taken between figures of the same run.
+32 rows x 32 tokens. Every figure is the median (or, with ``--stat min``, the minimum) of
+``--repeats`` rounds after a warm-up round; the rounds interleave all cases (alternating order), so
+load drift on a shared machine hits mi_spec and its baselines alike. Ratios are taken between
+figures of the same run. See README.md beside this file.
 
-    python tests/benchmarks/patching.py [--repeats N] [--quick] [--profile]
+    python tests/benchmarks/patching.py [--repeats N] [--quick] [--stat min] [--profile]
 
 This is a script, not a test: pytest must not collect it.
 """
@@ -157,34 +158,61 @@ def _by_module(sites: Sequence[SiteBinding]) -> dict[str, list[SiteBinding]]:
 # --- timing -----------------------------------------------------------------------------------
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(
     cases: dict[str, Callable[[], Any]], repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each case: ``warmup`` untimed rounds, then ``repeats`` timed ones, all
-    cases once per round, in alternating order."""
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per call of each case (``warmup`` untimed rounds, then ``repeats`` timed ones, all
+    cases once per round, in alternating order) and minor page faults per call (median): a
+    figure that load on the machine barely moves, and that counts fresh memory being mapped."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
             cases[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             cases[name]()
             times[name].append(time.perf_counter() - t0)
+            faults[name].append(minor_faults() - f0)
         print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return times
+    return times, {k: statistics.median(v) for k, v in faults.items()}
 
 
-def profile(fn: Callable[[], Any], calls: int, top: int = 18) -> str:
-    """cProfile ``calls`` calls of ``fn``: the heaviest entries by own time."""
+def profile(fn: Callable[[], Any], calls: int, top: int = 12) -> str:
+    """cProfile ``calls`` calls of ``fn``: own time per call spent in mi_spec's and nnsight's
+    Python code (the overhead over the model itself), then the heaviest entries by own time."""
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
         fn()
     prof.disable()
+    stats = pstats.Stats(prof)
+    own = {"mi_spec": 0.0, "nnsight": 0.0, "all": 0.0}
+    for (filename, _line, _func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
+        own["all"] += tottime
+        for part in ("mi_spec", "nnsight"):
+            if f"/{part}/" in filename:
+                own[part] += tottime
+    per_call = {k: v / calls * 1e3 for k, v in own.items()}
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    buf.write(
+        f"own time per call: mi_spec {per_call['mi_spec']:.2f} ms, nnsight "
+        f"{per_call['nnsight']:.2f} ms, of {per_call['all']:.1f} ms in all (profiled)\n"
+    )
+    stats.stream = buf
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("tottime").print_stats(r"mi_spec|nnsight", 8)
     return buf.getvalue()
 
 
@@ -200,9 +228,7 @@ def tensors(data: Any, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def build(repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
-    torch.set_num_threads(2)
-    folder = Path(tempfile.mkdtemp(prefix="mi_spec_bench_"))
+def build(folder: Path, repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
     t0 = time.perf_counter()
     study, plan = compile_file(write_study(folder))
     compile_s = time.perf_counter() - t0
@@ -269,7 +295,7 @@ def build(repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
         "sweep8: run_job (max_rows 288)": lambda: run_job(sweep, plan288, engine, data),
     }
     t0 = time.perf_counter()
-    times = measure(cases, repeats, warmup)
+    times, faults = measure(cases, repeats, warmup)
     bench_s = time.perf_counter() - t0
     pick = statistics.median if stat == "median" else min
     med = {k: pick(v) for k, v in times.items()}  # the statistic every ratio below uses
@@ -294,7 +320,9 @@ def build(repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
         f"{stat} of {repeats} interleaved rounds after {warmup} warm-up; compile_file "
         f"{compile_s * 1e3:.0f} ms; timing {bench_s:.0f} s"
     )
-    print(f"\n{'case':42s} {stat + ' ms':>10s} {'min ms':>9s} {'spread':>7s} {'x fwd':>6s} passes")
+    other, other_name = (min, "min") if stat == "median" else (statistics.median, "median")
+    head_line = f"{stat + ' ms':>10s} {other_name + ' ms':>9s} {'spread':>7s} {'x fwd':>6s}"
+    print(f"\n{'case':42s} {head_line} {'passes':>6s} {'faults':>8s}")
     passes = {
         "single: run_job": single.forward_passes(plan.max_batch_rows),
         "joint8: run_job (max_rows 64)": joint.forward_passes(plan.max_batch_rows),
@@ -303,10 +331,10 @@ def build(repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
         "sweep8: run_job (max_rows 288)": sweep.forward_passes(plan288.max_batch_rows),
     }
     for name, vals in times.items():
-        spread = (max(vals) - min(vals)) / med[name]
+        spread = (max(vals) - min(vals)) / min(vals)
         print(
-            f"{name:42s} {med[name] * 1e3:10.1f} {min(vals) * 1e3:9.1f} {spread:7.0%} "
-            f"{med[name] / unit:6.2f} {passes.get(name, ''):>6}"
+            f"{name:42s} {med[name] * 1e3:10.1f} {other(vals) * 1e3:9.1f} {spread:7.0%} "
+            f"{med[name] / unit:6.2f} {passes.get(name, ''):>6} {faults[name]:8.0f}"
         )
     for name, v in floors.items():
         print(f"{name:42s} {v * 1e3:10.1f} {'':9s} {'(sum)':>7s} {v / unit:6.2f}")
@@ -366,10 +394,12 @@ def build(repeats: int, warmup: int, stat: str, do_profile: bool) -> None:
     ]
     for label, value, limit in goals:
         print(f"goal {label}: {value:.2f}x  {'OK' if value <= limit else 'MISS'}")
+    with_clean = r["joint8: run_job 64 (with clean) / plain fwd"]
+    n_passes = passes["joint8: run_job (max_rows 64)"]
+    vs_floor = r["joint8: run_job 64 / hook floor + clean"]
     print(
-        f"info joint K=8 run_job incl. clean: {r['joint8: run_job 64 (with clean) / plain fwd']:.2f}x"
-        f" plain forward in {passes['joint8: run_job (max_rows 64)']} passes"
-        f" ({r['joint8: run_job 64 / hook floor + clean']:.2f}x its 3-forward hook floor)"
+        f"info joint K=8 run_job incl. clean: {with_clean:.2f}x plain forward in {n_passes} "
+        f"passes ({vs_floor:.2f}x its 3-forward hook floor)"
     )
 
     if do_profile:
@@ -388,10 +418,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--stat", choices=["median", "min"], default="median", help="statistic for the ratios"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="cProfile two mi_spec paths")
     args = parser.parse_args(argv)
     repeats, warmup = (3, 0) if args.quick else (args.repeats, args.warmup)
-    build(repeats, warmup, args.stat, args.profile)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="mi_spec_bench_") as folder:
+        build(Path(folder), repeats, warmup, args.stat, args.profile)
 
 
 if __name__ == "__main__":
