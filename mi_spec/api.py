@@ -126,7 +126,7 @@ def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> Study
     artifacts = {
         "resolved.yaml": dump_yaml(resolved),
         "hypothesis.yaml": dump_yaml(study.doc.data),
-        "plan.json": plan.to_json(),
+        "plan.json": plan.to_json(indent=None),
     }
     return StudyRecord(name=study.spec.name, params=params, tags=tags, artifacts=artifacts)
 

@@ -13,7 +13,11 @@ from mi_spec.plan.ir import Job, JobResult, Plan
 Op = Callable[[Job, Plan, Engine, Dataset], JobResult]
 
 _OPS: dict[str, Op] = {}
-_BUILTIN = {"patch": "mi_spec.execute.run_job"}
+_BUILTIN = {
+    "patch": "mi_spec.execute.run_job",
+    "scrub": "mi_spec.execute.scrub_op",
+    "das": "mi_spec.execute.das_op",
+}
 
 
 def register_op(name: str) -> Callable[[Op], Op]:

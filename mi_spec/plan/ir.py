@@ -88,6 +88,8 @@ class Job(Frozen):
 
     def forward_passes(self, max_rows: int) -> int:
         """Source/mean passes + patched passes (clean + variants, packed ``max_rows`` rows a pass)."""
+        if "level_rows" in self.params:  # ops that pack their own rows (scrub): rows per level
+            return sum(-(-n // max_rows) for n in self.params["level_rows"])
         per_pass = max(1, max_rows // max(1, len(self.rows)))
         patched = -(-(len(self.variants) + 1) // per_pass)
         extra = 1 if self.source in ("rows", "column") else 0

@@ -10,6 +10,8 @@ BYTES = 4  # fp32 activations
 
 def pass_rows(job: Job, max_rows: int) -> int:
     """Rows in the largest forward pass of a job (variants are packed as extra rows)."""
+    if "level_rows" in job.params:
+        return min(max_rows, max(job.params["level_rows"]))
     per_pass = max(1, max_rows // max(1, len(job.rows)))
     return len(job.rows) * min(per_pass, len(job.variants) + 1)
 

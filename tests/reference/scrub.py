@@ -1,0 +1,214 @@
+"""A slow, obviously-correct causal-scrubbing reference, independent of mi_spec's scrub code.
+
+It walks each compiled tree recursively from its root, re-deriving from the hypothesis what every
+edge must be and asserting the tree says the same:
+
+- a node reads every residual writer upstream of it (embed, heads and MLPs of earlier layers, its
+  own layer's heads for an MLP), or, for a head whose q/k/v are named, those three inputs;
+- at each position the reader needs (attention: every position up to the last needed one), an input
+  that is a site of a parent variable of the reader's variable is a child computed on another row
+  that agrees with the reader's row on that variable (at that position for per-position variables),
+  needed there; any other input there is a clean value of some other row;
+
+and computes each node with ONE plain forward pass of the model, PyTorch hooks overwriting every
+input of the node position by position (Python loops) and capturing its site. Roots return logits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
+PART = re.compile(r"^(L\d+\.H\d+):([qkv])$")
+MLP = re.compile(r"^L(\d+)\.mlp_out$")
+OUT = "<output>"
+
+
+@dataclass
+class Hyp:
+    """The hypothesis as plain data: (site, role positions per row or None, variable) nodes."""
+
+    nodes: list[tuple[str, Any, str]]  # role: None, or a function row -> positions
+    parents: dict[str, list[str]]
+    output: list[str]
+    per_position: dict[str, bool]
+    values: dict[str, list[Any]]  # variable -> value per dataset row
+    n_layers: int
+    n_heads: int
+    has_mlp: bool
+    split: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.split = {m[1] for s, _, _ in self.nodes if (m := PART.match(s))}
+
+
+def layer(site: str) -> int:
+    return -1 if site == "embed" else int(site[1 : site.index(".")])
+
+
+def upstream(h: Hyp, reader: str) -> list[str]:
+    writers = ["embed"]
+    for lay in range(h.n_layers):
+        writers += [f"L{lay}.H{i}" for i in range(h.n_heads)]
+        if h.has_mlp:
+            writers.append(f"L{lay}.mlp_out")
+    if reader == "logits":
+        return writers
+    if m := PART.match(reader):
+        reader = m[1]
+    out = [w for w in writers if layer(w) < layer(reader)]
+    if MLP.match(reader):
+        out += [f"L{layer(reader)}.H{i}" for i in range(h.n_heads)]
+    return out
+
+
+def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return dict(model.named_modules())[path]
+
+
+class Reference:
+    def __init__(self, model, bindings, data, params: dict, hyp: Hyp):
+        self.model, self.bind, self.data, self.hyp = model, bindings, data, hyp
+        self.sites, self.nodes = params["sites"], params["nodes"]
+        self.memo: dict[int, torch.Tensor] = {}
+        self.clean_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.forwards = 0
+
+    def root_logits(self, k: int) -> torch.Tensor:
+        return self.value(k, OUT)
+
+    # --- sources ----------------------------------------------------------------------------
+    def clean(self, row: int, site: str) -> torch.Tensor:
+        """[T, w] value of ``site`` in a plain forward of dataset row ``row`` (all sites at once)."""
+        if row not in self.clean_cache:
+            sites = [s for s in self.sites if s != "logits"]
+            self.clean_cache[row] = self.forward(row, {}, sites)
+        return self.clean_cache[row][site]
+
+    # --- the recursion ----------------------------------------------------------------------
+    def value(self, k: int, var: str) -> torch.Tensor:
+        if k in self.memo:
+            return self.memo[k]
+        sid, row, need, edges = self.nodes[k]
+        site = self.sites[sid]
+        h = self.hyp
+        inputs = [f"{site}:{p}" for p in "qkv"] if site in h.split else upstream(h, site)
+        assert [self.sites[e[0]] for e in edges] == inputs, (site, edges)
+        length = self.data.lengths[row]
+        attention = HEAD.match(site) is not None
+        edits = {}
+        for (_, default, overrides), src_site in zip(edges, inputs, strict=True):
+            src = [default] * length
+            for q, s in overrides:
+                src[q] = s
+            if site in h.split:
+                reads = need if src_site.endswith(":q") else range(max(need) + 1)
+            else:
+                reads = range(max(need) + 1) if attention else need
+            owner = self.check_edge(src_site, var, row, src, list(reads))
+            var_of = {-src[q] - 1: owner[q] for q in reads if src[q] < 0}
+            edits[src_site] = [
+                self.clean(s, src_site)[q] if s >= 0 else self.value(-s - 1, var_of[-s - 1])[q]
+                for q, s in enumerate(src)
+            ]
+        value = self.forward(row, edits, [site])[site]
+        self.memo[k] = value
+        return value
+
+    def check_edge(self, src_site, var, row, src, reads) -> dict[int, str]:
+        """Assert the edge's sources follow the hypothesis; the child's variable per position."""
+        h = self.hyp
+        parents = h.output if var == OUT else h.parents.get(var, [])
+        owner: dict[int, str] = {}
+        for s, role, v in h.nodes:
+            if s == src_site and v in parents:
+                for q in range(self.data.lengths[row]) if role is None else role(row):
+                    assert q not in owner
+                    owner[q] = v
+        children: dict[int, list[int]] = {}
+        for q in reads:
+            if q not in owner:
+                assert src[q] >= 0, f"{src_site}@{q}: unnamed input must be a clean row"
+                continue
+            v = owner[q]
+            if src_site == "embed":
+                other = src[q]
+                assert other >= 0
+            else:
+                assert src[q] < 0, f"{src_site}@{q}: named input must be a tree node"
+                child = self.nodes[-src[q] - 1]
+                assert self.sites[child[0]] == src_site
+                other = child[1]
+                children.setdefault(-src[q] - 1, []).append(q)
+            assert other != row, "resampled inputs differ from the reference input"
+            mine, theirs = h.values[v][row], h.values[v][other]
+            if h.per_position[v]:
+                assert mine[q] == theirs[q], (v, q, mine[q], theirs[q])
+            else:
+                assert mine == theirs, (v, mine, theirs)
+        for c, qs in children.items():
+            need = self.nodes[c][2]
+            if h.per_position[owner[qs[0]]]:
+                assert need == qs == [qs[0]], (need, qs)
+            else:
+                assert need == sorted(qs), (need, qs)
+        return owner
+
+    # --- one forward --------------------------------------------------------------------------
+    def forward(
+        self, row: int, edits: dict[str, list[torch.Tensor]], read: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Row ``row`` with each site in ``edits`` overwritten (per position); ``read``'s values."""
+        self.forwards += 1
+        got: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def overwrite(act: torch.Tensor, site: str) -> torch.Tensor:
+            act = act.clone()
+            b = self.bind[site]
+            for q, v in enumerate(edits[site]):
+                act[0, q, b.start : b.stop] = v
+            return act
+
+        def capture(act: torch.Tensor, site: str) -> None:
+            b = self.bind[site]
+            got[site] = act[0, :, b.start : b.stop].clone()
+
+        for site in set(edits) | (set(read) - {"logits"}):
+            b = self.bind[site]
+            mod = _module(self.model, b.module)
+            if b.io == "output":
+
+                def hook(m, args, out, site=site):
+                    t = out if torch.is_tensor(out) else out[0]
+                    if site in edits:
+                        t = overwrite(t, site)
+                    if site in read:
+                        capture(t, site)
+                    return t if torch.is_tensor(out) else (t, *out[1:])
+
+                handles.append(mod.register_forward_hook(hook))
+            else:
+
+                def pre(m, args, site=site):
+                    t = args[0]
+                    if site in edits:
+                        t = overwrite(t, site)
+                    if site in read:
+                        capture(t, site)
+                    return (t, *args[1:])
+
+                handles.append(mod.register_forward_pre_hook(pre))
+        ids = torch.tensor([self.data.tokens[row]])
+        try:
+            with torch.no_grad():
+                out = self.model(ids, attention_mask=torch.ones_like(ids))
+        finally:
+            for handle in handles:
+                handle.remove()
+        got["logits"] = (out.logits if hasattr(out, "logits") else out)[0]
+        return got
