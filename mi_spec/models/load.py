@@ -100,7 +100,9 @@ def _load_checkpoint(module: torch.nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which
-        raise ResolveError(f"model.checkpoint {path}: cannot read it ({e})", ("checkpoint",)) from None
+        raise ResolveError(
+            f"model.checkpoint {path}: cannot read it ({e})", ("checkpoint",)
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         module.load_state_dict(state)
