@@ -127,7 +127,7 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def _load_builtin() -> None:
-    from mi_spec.sites.adapters import gpt2, toy  # noqa: F401  (registration side effect)
+    from mi_spec.sites.adapters import gpt2, mlp, toy  # noqa: F401  (registration side effect)
 
 
 def adapters() -> dict[str, Adapter]:

@@ -1,0 +1,294 @@
+"""DAS: the interchange equals a plain-PyTorch reference, rotation invariants (orthogonal, fp32,
+parametrized once per step, full rank = vanilla patch, source = base is a no-op), compiled pairs
+and labels, and the hierarchical-equality validation: true variables vs a wrong one vs controls."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from reference.das import interchange_logits
+
+from mi_spec import api
+from mi_spec.api import compile_file
+from mi_spec.cli.main import main
+from mi_spec.errors import SpecError
+from mi_spec.execute import das_op
+from mi_spec.execute.engine import Read, Write
+from mi_spec.execute.worker import loaded_for
+from mi_spec.tracking.base import InMemoryTracker
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = (
+    "factory: mi_spec.zoo:attn_only\n  kwargs: {n_layers: 2, n_heads: 4, d_model: 32, d_head: 8, "
+    "n_ctx: 32, d_vocab: 40}"
+)
+GPT2 = (
+    "hf_config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 4, vocab_size: 40, "
+    "n_positions: 32}"
+)
+RANDOM_ROWS = """variables:
+  x: {value: "tokens[2]"}
+  y: {value: "x %% 7"}
+experiments:
+  - {kind: das, variables: x, output: y, site: "%s", intervention: %s, dim: %s,
+     pairs: {train: 8, val: 0, test: 12}, training: {epochs: 0}}
+"""
+EQUALITY = """name: eq
+model: {factory: "mi_spec.zoo.equality:%s", dtype: %s}
+data:
+  generator: mi_spec.zoo.equality:hierarchical_equality
+  params: {n: 1500, seed: 1}
+metric: {kind: accuracy, at: last, target: label}
+variables:
+  WX: {value: "a == b"}
+  YZ: {value: "c == d"}
+  O:  {value: "WX == YZ"}
+  W:  {column: a}
+  O_first: {value: "(W == b) == YZ"}
+experiments:
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: intra-op threads only add overhead (30x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _equality(tmp_path, experiments: str, model: str = "equality_mlp", dtype: str = "float32"):
+    path = tmp_path / "eq.yaml"
+    text = EQUALITY % (model, dtype) + experiments
+    if model == "equality_handbuilt":  # 20 entities: far apart, so its thresholds are not steep
+        text = text.replace("seed: 1}", "seed: 1, n_entities: 20}").replace(
+            '", dtype', '", kwargs: {n_entities: 20}, dtype'
+        )
+    path.write_text(text)
+    return path
+
+
+def _run(path):
+    return api.run(path, InMemoryTracker(), cache_dir=None, runner="synchronous")
+
+
+def _setup(path):
+    """The first DAS job, its captured values, a random Interchange, its test split, a Runner."""
+    study, plan = compile_file(path)
+    state = loaded_for(plan, model=study.model)
+    job = plan.jobs[0]
+    p = job.params
+    site = plan.sites[p["site"]]
+    keep = set(p["train"]["base"])
+    cap = das_op._capture(job, plan, state.engine, state.data, site, p["position"], keep)
+    width = cap.values.shape[-1]
+    inter = das_op.Interchange(width, 1, p["dim"] or width, p["intervention"], seed=3)
+    index = {r: i for i, r in enumerate(job.rows)}
+    split = das_op.Split.of(p["test"], index)
+    runner = das_op.Runner(state.engine, site, state.data)
+    return SimpleNamespace(study=study, plan=plan, job=job, state=state, site=site, cap=cap,
+                           inter=inter, split=split, runner=runner, index=index)  # fmt: skip
+
+
+def _intervened(t, split, full=None) -> torch.Tensor:
+    cap, inter = t.cap, t.inter
+    hs = [cap.values[split.src[v]] for v in range(inter.n_vars)]
+    values = inter.apply(inter.matrix(), inter.masks(None), cap.values[split.base], hs, split.on)
+    with torch.no_grad():
+        return t.runner.forward(split.rows, cap.pos[split.base], values, full)
+
+
+def _rows(t, idx: torch.Tensor) -> list[int]:
+    return [t.job.rows[i] for i in idx.tolist()]
+
+
+CASES = [
+    ("toy", TOY, "L1.resid_pre@4", "low_rank", 3),
+    ("toy", TOY, "L0.H1:v@4", "low_rank", 2),
+    ("toy", TOY, "L1.resid_post@last", "boundless", "null"),
+    ("gpt2", GPT2, "L1.resid_mid@4", "low_rank", 5),
+]
+
+
+@pytest.mark.parametrize(("arch", "model", "site", "kind", "dim"), CASES)
+def test_interchange_equals_reference(study_file, arch, model, site, kind, dim):
+    t = _setup(study_file(RANDOM_ROWS % (site, kind, dim), model=model))
+    got = _intervened(t, t.split)
+    data, split, cap = t.state.data, t.split, t.cap
+    base = tuple(torch.tensor(x) for x in data.padded(split.rows))
+    src = tuple(torch.tensor(x) for x in data.padded(_rows(t, split.src[0])))
+    positions = (cap.pos[split.base].tolist(), [cap.pos[split.src[0]].tolist()])
+    want = interchange_logits(
+        t.study.model.module, t.site, base, [src], positions, t.inter.matrix().detach(),
+        t.inter.k, split.on.tolist(), t.inter.masks(None).tolist(),
+    )  # fmt: skip
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_skip_mode_equals_whole_model(study_file):
+    """Skipping the modules below the site (cached outputs) gives the same logits as running it."""
+    t = _setup(study_file(RANDOM_ROWS % ("L1.resid_post@4", "low_rank", 2), model=TOY))
+    train, cap = das_op.Split.of(t.job.params["train"], t.index), t.cap
+    full = cap.full[torch.tensor([cap.full_of[r] for r in train.rows])]
+    b = train.base
+    assert t.runner.try_skip(train.rows, cap.pos[b], cap.values[b], full)
+    assert [p for p, _ in t.runner.prefix] == ["embed", "pos_embed", "blocks.0"]
+    assert torch.allclose(_intervened(t, train, full), _intervened(t, train), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", [TOY, GPT2])
+def test_full_rank_is_vanilla_patch_and_source_base_is_noop(study_file, model):
+    site = "L1.resid_pre@4" if model == TOY else "L1.resid_mid@4"
+    t = _setup(study_file(RANDOM_ROWS % (site, "full", "null"), model=model))
+    engine, data, split, cap = t.state.engine, t.state.data, t.split, t.cap
+    s_ids, s_mask = (torch.tensor(x) for x in data.padded(_rows(t, split.src[0])))
+    _, read = engine.run(s_ids, s_mask, [Read("v", t.site, cap.pos[split.src[0]])])
+    ids, mask = (torch.tensor(x) for x in data.padded(split.rows))
+    write = Write(t.site, slice(None), cap.pos[split.base], read["v"])
+    vanilla, _ = engine.run(ids, mask, writes=[write])
+    assert torch.allclose(_intervened(t, split), vanilla, atol=1e-5)
+    same = das_op.Split(split.base, split.base[None], split.on, split.labels, split.rows)
+    clean, _ = engine.run(ids, mask)
+    assert torch.allclose(_intervened(t, same), clean, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "low_rank", "boundless"])
+def test_rotation_fp32_orthogonal_in_bf16_model(tmp_path, kind, monkeypatch):
+    """R stays fp32 and orthogonal; the parametrization runs once per training step."""
+    calls = []
+    matrix = das_op.Interchange.matrix
+    monkeypatch.setattr(
+        das_op.Interchange,
+        "matrix",
+        lambda self: calls.append(torch.is_grad_enabled()) or matrix(self),
+    )
+    exp = (
+        f"  - {{kind: das, variables: [WX, YZ], site: L0.resid_post@last, intervention: {kind},"
+        " pairs: {train: 256, val: 32, test: 64}, training: {epochs: 2, patience: null}}\n"
+    )
+    study, plan = compile_file(_equality(tmp_path, exp, dtype="bfloat16"))
+    state = loaded_for(plan, model=study.model)
+    assert next(state.model.module.parameters()).dtype == torch.bfloat16
+    res = das_op.run_das(plan.jobs[0], plan, state.engine, state.data)
+    assert res.extra["steps"] == 2 * (256 // 64)
+    assert sum(calls) == res.extra["steps"]  # grad-enabled parametrizations: one per step
+    assert res.extra["rotation_dtype"] == "float32" and res.extra["orthogonality_error"] <= 1e-5
+    r = das_op.load_rotation(base64.b64decode(res.extra["rotation"]))["rotation"]
+    assert r.dtype == torch.float32
+    assert (r.T @ r - torch.eye(r.shape[1])).abs().max() <= 1e-5
+
+
+def test_compiled_pairs_labels_and_splits(tmp_path):
+    exp = "  - {kind: das, variables: [WX, YZ], site: L0.resid_post@last, pairs: {test: 300}}\n"
+    study, plan = compile_file(_equality(tmp_path, exp))
+    job = plan.jobs[0]
+    p = job.params
+    assert p["output"] == "O" and p["swap_sets"] == [["WX"], ["YZ"], ["WX", "YZ"]]
+    assert job.op == "das" and job.extra_sites == ("L0.resid_post",)
+    causal, data = study.causal, study.data
+    for i in range(50):
+        fixed = {}
+        for v, col in zip(p["variables"], p["test"]["sources"], strict=True):
+            if col[i] >= 0:
+                fixed[v] = causal.compute(data.row(col[i]))[v]
+        want = causal.compute(data.row(p["test"]["base"][i]), fixed)["O"]
+        assert p["test"]["labels"][i] == int(want)
+    labels = np.asarray(p["train"]["labels"])
+    assert abs(labels.mean() - 0.5) < 0.02  # balanced counterfactual labels
+    rows = {k: set(p[k]["base"]) | {s for c in p[k]["sources"] for s in c if s >= 0} for k in
+            ("train", "val", "test")}  # fmt: skip
+    assert not rows["test"] & rows["train"] and not rows["val"] & rows["train"]
+    counts = np.bincount(p["test"]["swap"])
+    assert counts.tolist() == [100, 100, 100]
+
+
+@pytest.mark.parametrize(
+    ("exp", "message"),
+    [
+        ("{kind: das, variables: Q, site: L0.resid_post}", "not a declared variable"),
+        ("{kind: das, variables: W, output: O, site: L0.resid_post}", "does not depend on"),
+        ("{kind: das, variables: WX, site: L0.resid_post@nowhere}", "unknown position"),
+        ("{kind: das, variables: WX, site: L7.resid_post}", "out of range"),
+    ],
+)
+def test_compile_errors(tmp_path, exp, message):
+    with pytest.raises(SpecError, match=message):
+        compile_file(_equality(tmp_path, f"  - {exp}\n"))
+
+
+def test_handbuilt_reaches_one(tmp_path):
+    """Known mechanism: WX in L0 dims 0-7, YZ in 8-15. Identity rotation and learned: IIA 1."""
+    exp = (
+        "  - {name: given, kind: das, variables: [WX, YZ], site: L0.resid_post@last, "
+        "intervention: full, init: identity, training: {epochs: 0}, pairs: {test: 256}}\n"
+        "  - {name: learned, kind: das, variables: [WX, YZ], site: L0.resid_post@last, "
+        "intervention: full, pairs: {train: 1024, test: 256}}\n"
+    )
+    given, learned = _run(_equality(tmp_path, exp, model="equality_handbuilt")).reports
+    assert given.metrics["das.iia"] == 1.0
+    assert learned.metrics["das.iia"] == 1.0
+    assert given.metrics["das.control.random_rotation.ci_high"] < 0.9
+
+
+@pytest.mark.slow
+def test_trained_mlp_true_vs_wrong_variable(tmp_path):
+    """The bundled MLP: WX/YZ at L0 >= 0.95; the identity of the first argument (Geiger et al.)
+    and the random rotation stay below, with non-overlapping CIs."""
+    exp = (
+        "  - {name: true-vars, kind: das, variables: [WX, YZ], site: L0.resid_post@last, "
+        "intervention: full}\n"
+        "  - {name: wrong-var, kind: das, variables: W, output: O_first, site: L0.resid_post@last, "
+        "intervention: full, dim: 4}\n"
+    )
+    true, wrong = (r.metrics for r in _run(_equality(tmp_path, exp)).reports)
+    assert true["das.iia"] >= 0.95
+    assert true["das.iia.ci_low"] > wrong["das.iia.ci_high"]
+    assert true["das.iia.ci_low"] > true["das.control.random_rotation.ci_high"]
+    assert true["das.iia.ci_low"] > true["das.control.base_label.ci_high"]
+    assert true["das.base_accuracy"] >= 0.99
+    assert 0.4 < true["das.pairs.cf_differs"] < 0.6
+
+
+def test_sweep_boundless_mlflow_and_reuse(tmp_path, tracking_uri):
+    """A layers x k sweep is one experiment; metrics, curves and the rotation reach MLflow; the
+    saved rotation evaluates to the same IIA when reused with ``init``."""
+    exp = (
+        "  - {name: sweep, kind: das, variables: [WX, YZ], site: 'L*.resid_post@last', "
+        "dim: [1, 4], pairs: {train: 256, val: 64, test: 128}, training: {epochs: 2}}\n"
+        "  - {name: boundless, kind: das, variables: WX, site: L0.resid_post@last, "
+        "intervention: boundless, pairs: {train: 256, val: 64, test: 128}, "
+        "training: {epochs: 2, temperature: [5, 0.5]}}\n"
+    )
+    path = _equality(tmp_path, exp)
+    assert main(["run", str(path), "--no-cache", "--runner", "synchronous"]) == 0
+    client = MlflowClient(tracking_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name(
+        "mi_spec").experiment_id])}  # fmt: skip
+    parent, sweep = runs["eq"], runs["sweep@eq"]
+    for key in ("das.iia", "das.iia.ci_low", "das.iia.ci_high", "das.control.random_rotation",
+                "das.control.base_label"):  # fmt: skip
+        assert key in sweep.data.metrics and key in parent.data.metrics
+    assert len([k for k in sweep.data.metrics if k.startswith("das.iia.L")]) == 3 * 2 * 3
+    history = client.get_metric_history(sweep.info.run_id, "das.train.loss.L0.resid_post.last.k4.seed0")
+    assert len(history) == 2 * (256 // 64) and history[-1].step == 7
+    files = {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    assert {"iia.png", "iia_curve.png", "das.csv", "rotation_L0.resid_post.last.k4.seed0.pt"} <= files
+    bound = runs["boundless@eq"]
+    local = client.download_artifacts(bound.info.run_id, "rotation_L0.resid_post.last.pt", tmp_path)
+    saved = das_op.load_rotation(local)
+    assert saved["kind"] == "boundless" and saved["variables"] == ["WX"]
+    reuse = (
+        "  - {name: reuse, kind: das, variables: WX, site: L0.resid_post@last, "
+        f"intervention: boundless, init: {json.dumps(local)}, "
+        "pairs: {train: 256, val: 64, test: 128}, training: {epochs: 0}}\n"
+    )
+    (report,) = _run(_equality(tmp_path, reuse)).reports
+    assert report.metrics["das.iia"] == pytest.approx(bound.data.metrics["das.iia"], abs=1e-9)
