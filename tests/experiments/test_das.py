@@ -277,10 +277,17 @@ def test_sweep_boundless_mlflow_and_reuse(tmp_path, tracking_uri):
                 "das.control.base_label"):  # fmt: skip
         assert key in sweep.data.metrics and key in parent.data.metrics
     assert len([k for k in sweep.data.metrics if k.startswith("das.iia.L")]) == 3 * 2 * 3
-    history = client.get_metric_history(sweep.info.run_id, "das.train.loss.L0.resid_post.last.k4.seed0")
+    history = client.get_metric_history(
+        sweep.info.run_id, "das.train.loss.L0.resid_post.last.k4.seed0"
+    )
     assert len(history) == 2 * (256 // 64) and history[-1].step == 7
     files = {a.path for a in client.list_artifacts(sweep.info.run_id)}
-    assert {"iia.png", "iia_curve.png", "das.csv", "rotation_L0.resid_post.last.k4.seed0.pt"} <= files
+    assert {
+        "iia.png",
+        "iia_curve.png",
+        "das.csv",
+        "rotation_L0.resid_post.last.k4.seed0.pt",
+    } <= files
     bound = runs["boundless@eq"]
     local = client.download_artifacts(bound.info.run_id, "rotation_L0.resid_post.last.pt", tmp_path)
     saved = das_op.load_rotation(local)
