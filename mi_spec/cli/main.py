@@ -11,8 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mi_spec.errors import MiSpecError
+
+if TYPE_CHECKING:
+    from mi_spec.api import RunResult
 
 DEFAULT_SCHEMA_DIR = "schemas"
 
@@ -54,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan itself as JSON")
     pl.set_defaults(func=_plan)
 
-    r = sub.add_parser("run", help="run every experiment and log to MLflow")
-    with_file(r)
+    r = sub.add_parser("run", help="run every experiment of each file and log to MLflow")
+    with_file(r, many=True)
     r.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
@@ -110,15 +114,21 @@ def _run(args: argparse.Namespace) -> int:
     from mi_spec import api
     from mi_spec.tracking.mlflow_tracker import MlflowTracker
 
-    tracker = MlflowTracker(args.tracking_uri, experiment=args.experiment)
-    result = api.run(
-        args.file,
-        tracker,
-        args.overrides,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        runner=args.runner,
-        scheduler=args.scheduler,
-    )
+    for path in args.files:  # one parent run per file, all in the same store
+        tracker = MlflowTracker(args.tracking_uri, experiment=args.experiment)
+        result = api.run(
+            path,
+            tracker,
+            args.overrides,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            runner=args.runner,
+            scheduler=args.scheduler,
+        )
+        _print_reports(result)
+    return 0
+
+
+def _print_reports(result: RunResult) -> None:
     for report in result.reports:
         print(f"\n== {report.name}")
         for key, value in report.headline.items():
@@ -134,7 +144,6 @@ def _run(args: argparse.Namespace) -> int:
         for w in report.warnings:
             print(f"  warning: {w}")
     print(f"\nMLflow: {result.run_url}")
-    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:
