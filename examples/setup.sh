@@ -12,7 +12,12 @@ want="$(cat pyproject.toml | sha256sum | cut -c1-16) $TORCH"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-pipq() { "$VENV/bin/pip" install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+# A local wheel folder (this project's CPU machines keep torch 2.13.0 in /opt/wheels) is used when
+# present, so a clean environment without pip config still gets the CPU build, not a CUDA one.
+WHEELS=${MI_SPEC_WHEELS:-/opt/wheels}
+links=()
+if [ -d "$WHEELS" ]; then links=(--find-links "$WHEELS"); fi
+pipq() { "$VENV/bin/pip" install -q "${links[@]}" "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 if [ -n "$TORCH" ]; then pipq "$TORCH"; fi
 pipq -e ".[dev]"
 "$VENV/bin/python" -c "import mi_spec.api, torch; print('mi_spec ready, torch', torch.__version__)"
