@@ -87,9 +87,11 @@ class Interchange(nn.Module):
         return out
 
     @torch.no_grad()
-    def orthogonality_error(self) -> float:
+    def check(self) -> dict[str, Any]:
+        """The invariants: max |R^T R - I| and R's dtype (fp32 whatever the model's)."""
         r = self.matrix()
-        return (r.T @ r - torch.eye(r.shape[1])).abs().max().item()
+        error = (r.T @ r - torch.eye(r.shape[1])).abs().max().item()
+        return {"orthogonality_error": error, "rotation_dtype": str(r.dtype).split(".")[-1]}
 
 
 def rotation_bytes(inter: Interchange, meta: dict[str, Any]) -> bytes:
@@ -357,8 +359,7 @@ def _init(inter: Interchange, init: str, plan: Plan) -> None:
             shapes = f"{tuple(saved['rotation'].shape)} != {inter.shape}"
             raise ExecutionError(f"das: {path} does not fit this experiment's rotation: {shapes}")
         inter.set_matrix(saved["rotation"])
-        with torch.no_grad():
-            inter.boundary.copy_(saved["boundary"])
+        inter.boundary.data.copy_(saved["boundary"])
 
 
 @register_op("das")
@@ -368,8 +369,7 @@ def run_das(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     t_start, p = time.perf_counter(), job.params
     site, n_vars, cfg = plan.sites[p["site"]], len(p["variables"]), p["training"]
     engine.check_binding(site)
-    lengths = data.lengths
-    same_length = len({lengths[r] for r in job.rows}) == 1
+    same_length = len(set(map(data.lengths.__getitem__, job.rows))) == 1
     keep = set(p["train"]["base"]) if same_length and cfg["epochs"] else set()
     cap = _capture(job, plan, engine, data, site, p["position"], keep)
     width = cap.values.shape[-1]
@@ -386,14 +386,10 @@ def run_das(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     scores = [trainer.correct(test), trainer.correct(test, random_rotation)]
     floor = (cap.clean[test.base] == test.labels).float()
     task = (cap.clean[test.base] == torch.tensor(p["test"]["base_labels"])).float().mean().item()
-    with torch.no_grad():
-        rotation_dtype = inter.matrix().dtype
     blob = rotation_bytes(inter, {k: p[k] for k in ("site", "position", "variables", "label")})
     extra = hist | {
         "label": p["label"], "base_accuracy": task, "dim": k,
-        "orthogonality_error": inter.orthogonality_error(),
-        "rotation_dtype": str(rotation_dtype).removeprefix("torch."),
-        "boundless_dims": inter.masks(None).sum(-1).tolist(),
+        **inter.check(), "boundless_dims": inter.masks(None).sum(-1).tolist(),
         "rotation": base64.b64encode(blob).decode(),
         "rotation_sha256": hashlib.sha256(blob).hexdigest()[:16],
     }  # fmt: skip

@@ -16,7 +16,6 @@ nothing: the model's clean prediction scored against the counterfactual label).
 from __future__ import annotations
 
 import base64
-import math
 import random
 import re
 from collections import defaultdict
@@ -25,6 +24,7 @@ from itertools import product
 from typing import Any, Literal
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from pydantic import Field, PositiveInt
 
 from mi_spec.analysis.figures import _figure, _png, bars_png
@@ -352,7 +352,7 @@ def _bars(title: str, stats: dict, best: str) -> bytes:
     rows = [(s[0][0], s[1][0], s[2][0]) for s in stats.values()]
     rows += [(est[i], low[i], high[i]) for i in (1, 2)]
     vals, lows, highs = (list(x) for x in zip(*rows, strict=True))
-    return bars_png(labels, vals, lows, highs, title, "IIA (test pairs)", {"chance": 0.5})
+    return bars_png(labels, vals, lows, highs, title, "IIA (test pairs)")
 
 
 def _curve(title: str, stats: dict) -> bytes:
@@ -369,6 +369,7 @@ def _curve(title: str, stats: dict) -> bytes:
         ax.plot(x, y, marker="o", label=key)
         ax.fill_between(x, lo, hi, alpha=0.2)
     ax.set_xlabel("layer" if "configs" not in lines else "config")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("IIA (test pairs)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=12)
@@ -390,7 +391,7 @@ def _warnings(differs: float, test: dict, results: Sequence[JobResult]) -> list[
         out.append(f"counterfactual labels are unbalanced: the largest class is {share:.0%}")
     if any(r.extra["mode"] == "run" and r.extra["steps"] for r in results):
         out.append("some runs could not skip the layers below the site (full forward per step)")
-    if math.isfinite(e := max(r.extra["orthogonality_error"] for r in results)) and e > 1e-5:
+    if not (e := max(r.extra["orthogonality_error"] for r in results)) <= 1e-5:  # NaN too
         out.append(f"rotation is not orthogonal to 1e-5 (max |R^T R - I| = {e:.2g})")
     return out
 

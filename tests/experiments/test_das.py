@@ -118,7 +118,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "model", "site", "kind", "dim"), CASES)
+@pytest.mark.parametrize(
+    ("arch", "model", "site", "kind", "dim"), CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES]
+)
 def test_interchange_equals_reference(study_file, arch, model, site, kind, dim):
     t = _setup(study_file(RANDOM_ROWS % (site, kind, dim), model=model))
     got = _intervened(t, t.split)
@@ -144,7 +146,7 @@ def test_skip_mode_equals_whole_model(study_file):
     assert torch.allclose(_intervened(t, train, full), _intervened(t, train), atol=1e-5)
 
 
-@pytest.mark.parametrize("model", [TOY, GPT2])
+@pytest.mark.parametrize("model", [TOY, GPT2], ids=["toy", "gpt2"])
 def test_full_rank_is_vanilla_patch_and_source_base_is_noop(study_file, model):
     site = "L1.resid_pre@4" if model == TOY else "L1.resid_mid@4"
     t = _setup(study_file(RANDOM_ROWS % (site, "full", "null"), model=model))
