@@ -17,6 +17,8 @@ _BUILTIN = {
     "patch": "mi_spec.execute.run_job",
     "scrub": "mi_spec.execute.scrub_op",
     "das": "mi_spec.execute.das_op",
+    "path_patch": "mi_spec.execute.path_op",
+    "attribution": "mi_spec.execute.attribution_op",
 }
 
 

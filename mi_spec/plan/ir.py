@@ -86,9 +86,17 @@ class Job(Frozen):
         used = {i.site for v in self.variants for i in v.interventions}
         return sorted(used | set(self.extra_sites))
 
+    def backward_passes(self, max_rows: int) -> int:
+        """Backward passes: ops that take gradients list their rows in ``params["backward_rows"]``."""
+        return sum(-(-n // max_rows) for n in self.params.get("backward_rows", ()))
+
     def forward_passes(self, max_rows: int) -> int:
-        """Source/mean passes + patched passes (clean + variants, packed ``max_rows`` rows a pass)."""
-        if "level_rows" in self.params:  # ops that pack their own rows (scrub): rows per level
+        """Source/mean passes + patched passes (clean + variants, packed ``max_rows`` rows a pass).
+
+        Ops that pack their own rows list the rows of each stage in ``params["level_rows"]``
+        (each stage is run in passes of at most ``max_rows`` rows).
+        """
+        if "level_rows" in self.params:
             return sum(-(-n // max_rows) for n in self.params["level_rows"])
         per_pass = max(1, max_rows // max(1, len(self.rows)))
         patched = -(-(len(self.variants) + 1) // per_pass)

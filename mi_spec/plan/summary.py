@@ -40,13 +40,16 @@ def summarize(plan: Plan) -> str:
         if not jobs:
             continue
         passes = sum(j.forward_passes(plan.max_batch_rows) for j in jobs)
+        backward = sum(j.backward_passes(plan.max_batch_rows) for j in jobs)
         rows = sum(len(j.rows) for j in jobs)
         peak = max(peak_bytes(plan, j, seq) for j in jobs)
         lines += [
             f"\n  {exp.name} ({exp.kind})",
             f"    {len(jobs)} jobs x {len(jobs[0].variants)} variants on {rows} examples;"
             f" source: {jobs[0].source}",
-            f"    {passes} forward passes ({passes / max(1, len(jobs)):.1f} per job);"
+            f"    {passes} forward passes ({passes / max(1, len(jobs)):.1f} per job)"
+            + (f", {backward} backward" if backward else "")
+            + ";"
             f" est. peak activations {peak / 2**20:.1f} MiB per pass",
             f"    sites: {', '.join(sorted({s for j in jobs for s in j.sites}))}",
         ]
