@@ -9,6 +9,7 @@ are accepted and normalised):
 ``L{l}.resid_mid``  residual stream after attention, before the MLP
 ``L{l}.resid_post`` residual stream leaving block ``l``
 ``L{l}.attn_out``   attention output written to the residual stream
+``L{l}.mlp_in``     the MLP's input (after its layer norm, where the family has one)
 ``L{l}.mlp_out``    MLP output written to the residual stream
 ``L{l}.H{h}``       head ``h``'s output ``z`` (before the output projection)
 ``L{l}.H{h}:q``     head ``h``'s query (also ``:k``, ``:v``)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 GLOBAL_KINDS = ("embed", "logits")
 HEAD_PARTS = ("q", "k", "v")
 
@@ -43,6 +44,7 @@ _TL_LAYER = {
     "resid_post": "resid_post",
     "attn_out": "attn_out",
     "mlp_out": "mlp_out",
+    "mlp_in": "mlp_in",
 }
 
 

@@ -23,6 +23,7 @@ GPT2 = register(
             "resid_mid": Hook("transformer.h.{layer}.ln_2", "input"),
             "resid_post": Hook("transformer.h.{layer}"),
             "attn_out": Hook("transformer.h.{layer}.attn.c_proj"),
+            "mlp_in": Hook("transformer.h.{layer}.mlp", "input"),
             "mlp_out": Hook("transformer.h.{layer}.mlp"),
             "head": Hook("transformer.h.{layer}.attn.c_proj", "input"),
             "q": Hook("transformer.h.{layer}.attn.c_attn", block=0),
