@@ -58,8 +58,9 @@ def _check_residual(engine: Engine, ids, mask, bind, n_layers: int, atol: float)
             ("resid_mid", ["resid_pre", "attn_out"]),
             ("resid_post", ["resid_mid", "mlp_out"]),
         ]
-        if "resid_mid" not in got and "mlp_out" not in got:
-            identities = [("resid_post", ["resid_pre", "attn_out"])]
+        if "resid_mid" not in got:  # attention-only, or attention and MLP in parallel (NeoX)
+            parallel = ["mlp_out"] if "mlp_out" in got else []
+            identities = [("resid_post", ["resid_pre", "attn_out", *parallel])]
         for lhs, rhs in identities:
             if lhs in got and all(r in got for r in rhs):
                 total = sum(got[r] for r in rhs)

@@ -15,7 +15,8 @@ import torch
 
 from mi_spec.data.dataset import resolve_path
 from mi_spec.errors import ResolveError
-from mi_spec.sites.adapter import Adapter, adapter_for
+from mi_spec.sites.adapter import Adapter
+from mi_spec.sites.declarative import pick_adapter
 from mi_spec.spec.refs import import_ref
 from mi_spec.spec.sections import ModelSection
 
@@ -58,7 +59,7 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
     module = module.to(device=device, dtype=_DTYPES[section.dtype]).eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    adapter = adapter_for(module, section.adapter)
+    adapter = pick_adapter(module, section.adapter, base_dir)  # on workers too
     return LoadedModel(module, adapter, weights_hash(module), device, hf_dir)
 
 

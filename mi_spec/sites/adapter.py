@@ -22,22 +22,41 @@ from mi_spec.sites.vocabulary import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
 class Hook:
     """Where a site kind lives: ``module`` may contain ``{layer}``.
 
-    For head sites, ``block`` says which block of ``n_heads * d_head`` columns holds the heads
-    (0 for q or z, 1 for k, 2 for v in a fused qkv projection).
+    For head sites, ``block`` says which part of a fused qkv projection holds them (0 for q or z,
+    1 for k, 2 for v). With ``per_head == 0`` the fused columns are ``[all q | all k | all v]``
+    (``n_heads``, ``n_kv_heads``, ``n_kv_heads`` heads of ``d_head``); with ``per_head == 3`` they
+    go head by head, ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (GPT-NeoX's ``query_key_value``).
     """
 
     module: str
     io: Literal["input", "output"] = "output"
     block: int = 0
+    per_head: int = 0
 
 
 @dataclass(frozen=True)
 class Dims:
+    """A model's sizes. ``n_kv_heads`` < ``n_heads`` means grouped-query attention (0: same)."""
+
     n_layers: int
     n_heads: int
     d_head: int
     d_model: int
     d_vocab: int
+    n_kv_heads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.n_kv_heads:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else 1
+
+    @property
+    def gqa(self) -> bool:
+        return self.n_kv_heads != self.n_heads
 
 
 class SiteBinding(BaseModel):
@@ -64,6 +83,8 @@ class Adapter:
     matches: Callable[[Any], bool]
     dims: Callable[[Any], Dims]
     table: dict[str, Hook] = field(default_factory=dict)  # kind ("head", "q", "embed", ...) -> hook
+    # kinds in the table that this particular model lacks, with the reason (config-dependent)
+    unavailable: Callable[[Any], dict[str, str]] = field(default=lambda model: {})
 
     def bind(self, site: Site, model: Any) -> SiteBinding:
         """Resolve a parsed site on ``model`` or raise a ResolveError naming the valid ones."""
@@ -83,21 +104,27 @@ class Adapter:
                 f"this {self.name} model has layers 0..{d.n_layers - 1}"
             )
         key = site.part or site.kind
+        if key in (why := self.unavailable(model)):
+            raise ResolveError(f"site {site.name!r}: {why[key]}")
         hook = self.table.get(key)
         if hook is None:
             raise ResolveError(
                 f"site {site.name!r}: the {self.name} adapter has no {key!r} sites; it has: "
-                + ", ".join(sorted(self.table))
+                + ", ".join(sorted(set(self.table) - set(why)))
             )
         module = hook.module.format(layer=site.layer)
-        if site.kind != "head":
+        if site.kind not in ("head", "kv_head"):
             return SiteBinding(name=site.name, module=module, io=hook.io)
-        if not 0 <= (site.head or 0) < d.n_heads:
+        kv = site.part in ("k", "v")
+        if kv and site.kind == "head" and d.gqa:
+            raise ResolveError(gqa_message(site, d, self.name))
+        count, what = (d.n_kv_heads, "key/value heads") if kv else (d.n_heads, "heads")
+        if not 0 <= (site.head or 0) < count:
             raise ResolveError(
                 f"site {site.name!r}: head {site.head} out of range; "
-                f"this {self.name} model has heads 0..{d.n_heads - 1} per layer"
+                f"this {self.name} model has {what} 0..{count - 1} per layer"
             )
-        start = hook.block * d.n_heads * d.d_head + (site.head or 0) * d.d_head
+        start = head_start(hook, d, site.head or 0)
         return SiteBinding(
             name=site.name, module=module, io=hook.io, start=start, stop=start + d.d_head
         )
@@ -105,15 +132,46 @@ class Adapter:
     def vocabulary(self, model: Any) -> list[str]:
         """Every canonical site name this model supports (for listings and suggestions)."""
         d = self.dims(model)
-        names = [k for k in GLOBAL_KINDS if k in self.table]
+        has = set(self.table) - set(self.unavailable(model))
+        names = [k for k in GLOBAL_KINDS if k in has]
         for layer in range(d.n_layers):
-            names += [f"L{layer}.{k}" for k in LAYER_KINDS if k in self.table]
-            if "head" in self.table:
+            names += [f"L{layer}.{k}" for k in LAYER_KINDS if k in has]
+            if "head" in has:
                 names += [f"L{layer}.H{h}" for h in range(d.n_heads)]
             for part in ("q", "k", "v"):
-                if part in self.table:
+                if part not in has:
+                    continue
+                if part != "q" and d.gqa:  # keys and values belong to kv heads
+                    names += [f"L{layer}.KV{g}:{part}" for g in range(d.n_kv_heads)]
+                else:
                     names += [f"L{layer}.H{h}:{part}" for h in range(d.n_heads)]
         return names
+
+
+def head_start(hook: Hook, d: Dims, index: int) -> int:
+    """The first column of head ``index`` (a query head for z/q, a kv head for k/v)."""
+    if hook.per_head:
+        if d.gqa:
+            raise ResolveError(
+                f"module {hook.module!r}: a head-by-head fused qkv layout with grouped-query "
+                "attention is not supported; describe it as separate q/k/v blocks"
+            )
+        return (index * hook.per_head + hook.block) * d.d_head
+    widths = (d.n_heads, d.n_kv_heads, d.n_kv_heads)
+    return (sum(widths[: hook.block]) + index) * d.d_head
+
+
+def gqa_message(site: Site, d: Dims, adapter: str) -> str:
+    """Why ``L{l}.H{h}:k`` does not exist on a grouped-query model, and which site serves h."""
+    part = {"k": "key", "v": "value"}[site.part or "k"]
+    g = (site.head or 0) // d.group
+    first, last = g * d.group, (g + 1) * d.group - 1
+    return (
+        f"site {site.name!r}: this {adapter} model uses grouped-query attention: {d.n_heads} query "
+        f"heads share {d.n_kv_heads} key/value heads ({d.group} query heads per kv head), so keys "
+        f"and values are sites of kv heads, L<layer>.KV<g>:k / :v; head {site.head}'s {part} is "
+        f"L{site.layer}.KV{g}:{site.part}, shared by query heads {first}..{last}"
+    )
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -127,7 +185,13 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def _load_builtin() -> None:
-    from mi_spec.sites.adapters import gpt2, mlp, toy  # noqa: F401  (registration side effect)
+    from mi_spec.sites.adapters import (  # noqa: F401  (registration side effect)
+        gpt2,
+        llama,
+        mlp,
+        neox,
+        toy,
+    )
 
 
 def adapters() -> dict[str, Adapter]:

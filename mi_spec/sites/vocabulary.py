@@ -13,6 +13,8 @@ are accepted and normalised):
 ``L{l}.mlp_out``    MLP output written to the residual stream
 ``L{l}.H{h}``       head ``h``'s output ``z`` (before the output projection)
 ``L{l}.H{h}:q``     head ``h``'s query (also ``:k``, ``:v``)
+``L{l}.KV{g}:k``    key/value head ``g``'s key (also ``:v``): grouped-query attention models name
+                    keys and values by kv head, each serving ``n_heads / n_kv_heads`` query heads
 ``logits``          unembedding output
 ``path:a.b.c``      raw module path, its output (``path:a.b.c.input`` for its input)
 ==================  ============================================================
@@ -31,6 +33,7 @@ HEAD_PARTS = ("q", "k", "v")
 
 _LAYER_RE = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[a-z_]+)$")
 _HEAD_RE = re.compile(r"^L(?P<layer>\d+)\.H(?P<head>\d+)(?::(?P<part>[a-z]+))?$")
+_KV_RE = re.compile(r"^L(?P<layer>\d+)\.KV(?P<head>\d+)(?::(?P<part>[a-z]+))?$")
 _TL_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?:attn\.)?hook_(?P<kind>[a-z_]+)$")
 _TL_ALIASES = {
     "hook_embed": "embed",
@@ -54,7 +57,10 @@ class SiteSyntaxError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """A parsed site. ``kind`` is one of LAYER_KINDS, GLOBAL_KINDS, ``head`` or ``path``."""
+    """A parsed site. ``kind`` is one of LAYER_KINDS, GLOBAL_KINDS, ``head``, ``kv_head``, ``path``.
+
+    For ``kv_head`` (``L1.KV0:k``), ``head`` is the key/value head index and ``part`` is k or v.
+    """
 
     kind: str
     layer: int | None = None
@@ -72,6 +78,8 @@ class Site:
             return self.kind
         if self.kind == "head":
             return f"L{self.layer}.H{self.head}" + (f":{self.part}" if self.part else "")
+        if self.kind == "kv_head":
+            return f"L{self.layer}.KV{self.head}:{self.part}"
         return f"L{self.layer}.{self.kind}"
 
     def __str__(self) -> str:
@@ -108,6 +116,14 @@ def parse_site(text: str) -> Site:
         if part is not None and part not in HEAD_PARTS:
             raise SiteSyntaxError(f"site {s!r}: head part must be one of q, k, v, got {part!r}")
         return Site(kind="head", layer=int(m["layer"]), head=int(m["head"]), part=part)
+    if m := _KV_RE.match(s):
+        if m["part"] not in ("k", "v"):
+            raise SiteSyntaxError(
+                f"site {s!r}: a key/value head has keys and values only: name "
+                f"L{m['layer']}.KV{m['head']}:k or L{m['layer']}.KV{m['head']}:v "
+                "(queries and outputs are per query head: L<l>.H<h>:q, L<l>.H<h>)"
+            )
+        return Site(kind="kv_head", layer=int(m["layer"]), head=int(m["head"]), part=m["part"])
     if m := _LAYER_RE.match(s):
         if m["kind"] not in LAYER_KINDS:
             raise SiteSyntaxError(
@@ -120,7 +136,8 @@ def parse_site(text: str) -> Site:
         return Site(kind=_TL_LAYER[m["kind"]], layer=int(m["layer"]))
     raise SiteSyntaxError(
         f"site {s!r} is not in the vocabulary: expected e.g. 'embed', 'L0.resid_post', "
-        "'L1.attn_out', 'L1.mlp_out', 'L1.H3', 'L1.H3:q', 'logits' or 'path:module.path'"
+        "'L1.attn_out', 'L1.mlp_out', 'L1.H3', 'L1.H3:q', 'L1.KV0:k', 'logits' or "
+        "'path:module.path'"
     )
 
 
@@ -138,6 +155,12 @@ def expand_patterns(patterns: list[str], vocabulary: list[str]) -> list[str]:
             rx = re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.:]*") + "$")
             matches = [name for name in vocabulary if rx.match(name)]
             if not matches:
-                raise SiteSyntaxError(f"site pattern {pattern!r} matches no site of this model")
+                hint = ""
+                if re.search(r"\.H[^.:]*:[kv]$", pattern) and any(".KV" in n for n in vocabulary):
+                    hint = " (it uses grouped-query attention: keys and values are per kv head, "
+                    hint += "e.g. L*.KV*:k, L*.KV*:v)"
+                raise SiteSyntaxError(
+                    f"site pattern {pattern!r} matches no site of this model{hint}"
+                )
         out += [m for m in matches if m not in out]
     return out

@@ -46,7 +46,12 @@ class ModelSection(Section):
         None, description="A state_dict file (.pt) to load, relative to the hypothesis file"
     )
     seed: int = Field(0, description="Seed for random initialisation (hf_config, factories)")
-    adapter: str | None = Field(None, description="Force an architecture adapter by name")
+    adapter: str | dict[str, Any] | None = Field(
+        None,
+        description="Force an architecture adapter by name (gpt2, gpt_neox, llama, ...), or a "
+        "declarative adapter for a custom model: a .yaml file (relative to the hypothesis) or "
+        "the same mapping inline (dims, sites: site kind -> module path)",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda:0', ...")
     check_sites: bool = Field(
