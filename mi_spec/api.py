@@ -23,6 +23,7 @@ from mi_spec.schedule.profiles import RunnerProfile, load_profile
 from mi_spec.schedule.progress import Progress
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
+from mi_spec.tracking.provenance import dataset_identity, file_hash, git_info, model_name
 
 DEFAULT_CACHE = ".mi_spec_cache"
 
@@ -77,9 +78,11 @@ def run(
     """Run every experiment in the file and log the study to ``tracker``.
 
     ``runner`` is a profile (or its name/path: synchronous, local, cluster, slurm); ``scheduler``
-    (``tcp://host:8786``) sends the same plan to an existing Dask cluster instead.
+    (``tcp://host:8786``) sends the same plan to an existing Dask cluster instead. An unreachable
+    tracking store fails here, before the model is loaded or any job runs.
     """
     profile = load_profile(runner) if isinstance(runner, str) else runner
+    tracker.check()
     study, plan = compile_file(path, overrides)
     result = RunResult(plan)
     where = "cluster" if scheduler else profile.kind
@@ -116,19 +119,32 @@ def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> Study
         **{f"version.{p}": _version(p) for p in ("mi_spec", "torch", "nnsight", "transformers")},
         "version.python": platform.python_version(),
     }
+    doc = study.doc
     tags = {
         "mi_spec.hypothesis": study.spec.name,
+        "mi_spec.file": str(doc.path),
+        "mi_spec.file_hash": file_hash(doc.files),
         "mi_spec.spec_hash": content_hash(resolved),
-        "mi_spec.file": str(study.doc.path),
         "mi_spec.model": study.model.weights_hash,
+        "mi_spec.model_name": model_name(resolved["model"]),
         "mi_spec.runner": runner,
+        **{f"mi_spec.git_{k}": v for k, v in git_info(doc.files).items()},
     }
+    if len(doc.files) > 1:
+        tags["mi_spec.extends"] = ", ".join(str(f) for f in doc.files[:-1])
+    if doc.overrides:
+        tags["mi_spec.overrides"] = " ".join(doc.overrides)
+    dataset = dataset_identity(
+        resolved["data"], study.base_dir, plan.data.data_hash, plan.data.n_rows, study.data.row(0)
+    )
     artifacts = {
         "resolved.yaml": dump_yaml(resolved),
         "hypothesis.yaml": dump_yaml(study.doc.data),
         "plan.json": plan.to_json(indent=None),
     }
-    return StudyRecord(name=study.spec.name, params=params, tags=tags, artifacts=artifacts)
+    return StudyRecord(
+        name=study.spec.name, params=params, tags=tags, artifacts=artifacts, dataset=dataset
+    )
 
 
 def _version(package: str) -> str:

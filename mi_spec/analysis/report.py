@@ -34,3 +34,6 @@ class StudyRecord:
     params: dict[str, Any]  # resolved spec, flattened, plus model/data hashes, seeds, versions
     tags: dict[str, str]
     artifacts: dict[str, str]  # file name -> text (resolved YAML, plan JSON)
+    # the data as a dataset input: name, digest, source_type, source, n_rows, columns
+    # (see `mi_spec.tracking.provenance.dataset_identity`); empty: none logged
+    dataset: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,6 @@
-"""``mi-spec``: validate, plan, run, schema. Thin: it parses arguments and calls ``mi_spec.api``.
+"""``mi-spec``: validate, plan, run, compare, ui, schema.
+
+Thin: it parses arguments and calls ``mi_spec.api`` (``compare``/``ui``: ``mi_spec.cli.compare``).
 
 Exit codes: 0 ok, 2 invalid input (the message says file:line:col), 1 runtime failure.
 A ``MiSpecError`` prints as a message; anything else is a bug and keeps its traceback.
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mi_spec.cli.compare import add_commands as add_compare_commands
 from mi_spec.errors import MiSpecError
 
 if TYPE_CHECKING:
@@ -77,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "--scheduler", metavar="tcp://HOST:8786", help="run on an existing Dask scheduler"
     )
     r.set_defaults(func=_run)
+
+    add_compare_commands(sub)
 
     s = sub.add_parser("schema", help="write the JSON Schema of hypothesis files")
     s.add_argument("--out", default=DEFAULT_SCHEMA_DIR, help="output folder")

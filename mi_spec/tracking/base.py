@@ -19,10 +19,15 @@ PARAM_VALUE_LIMIT = 500  # well under MLflow's 6000-char param limit; keeps the 
 
 @runtime_checkable
 class Tracker(Protocol):
-    """Receives one study: `start` once, `log_experiment` per experiment, `finish` once.
+    """Receives one study: `check` first, `start` once, `log_experiment` per experiment,
+    `finish` once.
 
+    `check` raises `MiSpecError` when the tracker cannot record anything (an unreachable store);
+    it runs before the model is loaded, so such a study fails before any compute.
     `finish` must be safe to call after a failed or missing `start` (it then does nothing).
     """
+
+    def check(self) -> None: ...
 
     def start(self, study: StudyRecord) -> None: ...
 
@@ -92,6 +97,9 @@ class InMemoryTracker:
     status: RunStatus | None = None
     error: str | None = None
     started: bool = False
+
+    def check(self) -> None:
+        """Nothing to check: memory is always there."""
 
     def start(self, study: StudyRecord) -> None:
         """Record the study; a tracker is used for one study only."""

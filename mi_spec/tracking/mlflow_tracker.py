@@ -2,12 +2,16 @@
 
 Layout of what gets logged:
 
-* parent run (named after the study): flattened study params, study tags, the study's
+* parent run (named after the study): flattened study params, study tags (``mi_spec.*``: the
+  hypothesis, file and spec hashes, git commit, model, runner), the dataset as a run input
+  (``log_inputs``: name, digest = data hash, source, row count, column schema), the study's
   artifacts (``resolved.yaml``, ``plan.json``…) at the artifact root, every experiment's headline
   metrics, and a copy of every experiment's figures under ``<experiment>/<file>.png``;
 * child run per experiment (named ``report.name``, tagged ``mlflow.parentRunId``): params,
-  metrics, tables as CSV, figures as PNG, ``warnings.txt``, tags ``mi_spec.kind`` and
-  ``mi_spec.warnings`` (the count).
+  metrics, tables as CSV, figures as PNG, ``warnings.txt``; tags: the study's ``mi_spec.*`` tags
+  (so searches like ``tags.`mi_spec.hypothesis` = 'x'`` find children), ``mi_spec.kind``,
+  ``mi_spec.warnings`` (the count) and ``mi_spec.headline`` (the headline metric names, comma
+  separated, without their ``.ci_low``/``.ci_high`` companions).
 
 Headline collision rule: a headline metric is logged on the parent under its own name the first
 time that name is seen. When a later experiment has a headline name that is already on the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import re
 import shlex
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -48,6 +53,11 @@ BATCH_LIMIT = 100  # MLflow allows 100 params/tags per log_batch call
 ERROR_TAG_LIMIT = 5000
 KEY_LIMIT = 250  # MLflow's max param/metric/tag key length
 TAG_VALUE_LIMIT = 5000  # under MLflow's 8000
+
+KIND_TAG = "mi_spec.kind"
+HYPOTHESIS_TAG = "mi_spec.hypothesis"
+HEADLINE_TAG = "mi_spec.headline"
+CI_SUFFIXES = (".ci_low", ".ci_high")
 
 _PROBE_TIMEOUT_S = 10.0
 
@@ -86,15 +96,22 @@ class MlflowTracker:
         self._child_run_id: str | None = None
         self._child_names: set[str] = set()
         self._parent_metric_keys: set[str] = set()
+        self._study_tags: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Connect to the store (creating the experiment if needed); MiSpecError if unreachable."""
+        if self._client is None:
+            self._client = self._connect()
+
     def start(self, study: StudyRecord) -> None:
-        """Check the store, open the parent run, log the study's params, tags and artifacts."""
+        """Check the store, open the parent run, log the study's params, tags, dataset, artifacts."""
         if self.parent_run_id is not None:
             raise RuntimeError("MlflowTracker.start called twice")
-        self._client = self._connect()
+        self.check()
         tags = {mlflow_key(k): truncate(str(v), TAG_VALUE_LIMIT) for k, v in study.tags.items()}
+        self._study_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
         run = self._client.create_run(
             self.experiment_id, run_name=study.name, tags=resolve_tags(tags)
         )
@@ -102,6 +119,8 @@ class MlflowTracker:
         self._parent_open = True
         try:
             self._log_params(self.parent_run_id, flatten_params(study.params))
+            if study.dataset:
+                self._client.log_inputs(self.parent_run_id, [dataset_input(study.dataset)])
             self._log_files(self.parent_run_id, {n: t.encode() for n, t in study.artifacts.items()})
         except BaseException as e:
             with contextlib.suppress(Exception):  # never mask the original error
@@ -116,9 +135,11 @@ class MlflowTracker:
             self.experiment_id,
             run_name=name,
             tags={
+                **self._study_tags,
                 MLFLOW_PARENT_RUN_ID: parent,
-                "mi_spec.kind": report.kind,
+                KIND_TAG: report.kind,
                 "mi_spec.warnings": str(len(report.warnings)),
+                HEADLINE_TAG: truncate(",".join(headline_names(report.headline)), TAG_VALUE_LIMIT),
             },
         )
         self._child_run_id = child = run.info.run_id
@@ -163,7 +184,7 @@ class MlflowTracker:
         """Where to look at the study's runs, or None before `start` / for other stores.
 
         http(s) stores: the UI URL of the experiment's runs table. sqlite/file stores: the
-        ``mlflow ui --backend-store-uri <uri>`` command, then the same page on the local UI.
+        ``mi-spec ui --tracking-uri <uri>`` command, then the same page on the local UI.
         """
         if self.experiment_id is None:
             return None
@@ -172,7 +193,9 @@ class MlflowTracker:
         if scheme in ("http", "https"):
             return f"{self.tracking_uri.rstrip('/')}/{fragment}"
         if scheme in ("sqlite", "file", "") or _is_windows_path(self.tracking_uri):
-            cmd = f"mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+            cmd = f"mi-spec ui --tracking-uri {shlex.quote(self.tracking_uri)}"
+            if self.experiment != "mi_spec":
+                cmd += f" --experiment {shlex.quote(self.experiment)}"
             return f"{cmd}  # then open http://127.0.0.1:5000/{fragment}"
         return None
 
@@ -181,8 +204,11 @@ class MlflowTracker:
     def _connect(self) -> MlflowClient:
         """A client whose store answered: the experiment exists (created if needed)."""
         uri = self.tracking_uri
+        # MLflow prints "View run ..." per terminated run on http stores (and fetches the run to
+        # do so); `run_url` gives the one link that matters, the runs table.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         try:
-            _probe_http(uri)
+            probe_http(uri)
             client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._get_or_create_experiment(client)
         except MiSpecError:
@@ -280,6 +306,29 @@ class MlflowTracker:
             self._client.log_artifacts(run_id, tmp)
 
 
+def headline_names(headline: Mapping[str, float]) -> list[str]:
+    """The headline metrics' names as logged, without their CI companions, in order."""
+    keys = [mlflow_key(k) for k in headline]
+    return [k for k in keys if not k.endswith(CI_SUFFIXES)]
+
+
+def dataset_input(dataset: Mapping[str, Any]) -> DatasetInput:
+    """A `StudyRecord.dataset` as an MLflow dataset input (context ``eval``)."""
+    columns = [
+        {**kind, "name": name, "required": True}
+        for name, kind in dataset.get("columns", {}).items()
+    ]
+    entity = Dataset(
+        name=str(dataset["name"]),
+        digest=str(dataset["digest"]),
+        source_type=str(dataset["source_type"]),
+        source=json.dumps(dataset["source"], default=str),
+        schema=json.dumps({"mlflow_colspec": columns}) if columns else None,
+        profile=json.dumps({"num_rows": int(dataset["n_rows"])}),
+    )
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", "eval")])
+
+
 def _report_files(report: ExperimentReport) -> dict[str, bytes]:
     """A report's artifacts: tables as CSV, figures as PNG, warnings as text."""
     files = {_suffixed(n, ".csv"): _csv_bytes(rows) for n, rows in report.tables.items()}
@@ -317,7 +366,7 @@ def _is_windows_path(uri: str) -> bool:
     return bool(re.match(r"^[A-Za-z]:[\\/]", uri))
 
 
-def _probe_http(uri: str) -> None:
+def probe_http(uri: str) -> None:
     """Fail fast when an http(s) store refuses connections, instead of MLflow's long retries.
 
     Any HTTP answer counts as reachable; only connection errors and timeouts fail.

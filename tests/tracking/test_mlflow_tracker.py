@@ -111,7 +111,8 @@ def test_artifacts(logged):
 def test_run_url_for_sqlite_names_the_ui_command(logged):
     _, tracker = logged
     url = tracker.run_url()
-    assert url is not None and url.startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert url is not None and url.startswith("mi-spec ui --tracking-uri sqlite:///")
+    assert "--experiment test  # then open http://127.0.0.1:5000/" in url
     assert f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in url
 
 
