@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mi_spec.data.dataset import Dataset
 from mi_spec.data.positions import resolve_role
 from mi_spec.errors import ExecutionError
-from mi_spec.execute.engine import Engine, Read
+from mi_spec.execute.engine import Engine, Read, replace
 from mi_spec.execute.ops import register_op
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.sites.adapter import SiteBinding
@@ -218,10 +218,9 @@ class Runner:
             new[(*at, slice(s.start, s.stop))] = values.to(device=new.device, dtype=new.dtype)
             if skip:
                 env.skip(new)
-            elif s.io == "input":
-                env.input = new
             else:
-                env.output = new
+                live = env.input if s.io == "input" else env.output
+                replace(env, s.io, live, new, s.in_place)
             out = e.nn.output.save()
         return out.logits if hasattr(out, "logits") else out
 

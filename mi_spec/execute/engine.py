@@ -127,10 +127,7 @@ class Engine:
                         new = act.clone()
                         for w in site_writes:
                             _scatter(new, w)
-                        if io == "input":
-                            env.input = new
-                        else:
-                            env.output = new
+                        replace(env, io, act, new, site_writes[0].site.in_place)
                 out["__logits__"] = self.nn.output
         except (ResolveError, ExecutionError):
             raise
@@ -149,6 +146,17 @@ class Engine:
         for part in path.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
+
+
+def replace(env: Any, io: str, act: torch.Tensor, new: torch.Tensor, in_place: bool) -> None:
+    """Make ``new`` the value of a module's input/output. ``in_place`` sites (a module input that
+    is also a residual skip) are overwritten in place, so every use of the tensor sees ``new``."""
+    if in_place:
+        act.copy_(new)
+    elif io == "input":
+        env.input = new
+    else:
+        env.output = new
 
 
 def _accepts_mask(model: torch.nn.Module) -> bool:

@@ -63,7 +63,8 @@ def picked_logits(logits: torch.Tensor, t: Targets) -> torch.Tensor:
     reps = logits.shape[0] // t.pos.shape[0]
     pos = t.pos.to(logits.device).repeat(reps, 1)
     rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    return logits[rows, pos].float()
+    picked = logits[rows, pos]
+    return picked if picked.dtype == torch.float64 else picked.float()  # float64 stays exact
 
 
 def score(

@@ -2,8 +2,11 @@
 
 For each site: its module runs exactly once per forward; writing a site's own clean value back
 leaves the logits unchanged; and the residual identities the architecture promises hold
-(``resid_post = resid_pre + attn_out [+ mlp_out]``, ``resid_mid = resid_pre + attn_out``).
-A mis-mapped adapter fails here with the site's name, not later as a strange result.
+(``resid_post = resid_pre + attn_out [+ mlp_out]``, ``resid_mid = resid_pre + attn_out``); and a
+residual point written at every position with another input's value carries that input forward
+(the logits become that input's logits), so a site whose tensor is also used elsewhere (a norm's
+input that is the skip connection too) cannot be half-patched. A mis-mapped adapter fails here
+with the site's name, not later as a strange result.
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ def check_sites(
             )
     if bind is not None:
         _check_residual(engine, ids, mask, bind, n_layers, atol)
+    _check_residual_writes(engine, sites, ids, mask, clean, got, atol)
+
+
+def _check_residual_writes(engine: Engine, sites, ids, mask, clean, got, atol: float) -> None:
+    """Residual points patched everywhere with the next row's values give the next row's logits."""
+    if ids.shape[0] < 2 or not bool((mask == mask[:1]).all()):
+        return  # needs two rows with the same padding
+    perm = torch.roll(torch.arange(ids.shape[0]), 1)
+    target = clean[perm]
+    for site in sites:
+        if not site.name.rsplit(".", 1)[-1].startswith("resid_") or site.start is not None:
+            continue
+        value = got[site.name][perm]
+        patched, _ = engine.run(ids, mask, writes=[Write(site, slice(None), None, value)])
+        diff = (patched - target).abs().max().item()
+        if diff > atol * max(1.0, target.abs().max().item()):
+            raise ResolveError(
+                f"site {site.name!r} ({site.module}.{site.io}): writing another input's value "
+                f"at every position did not carry it forward (logits off by {diff:.3g}); the "
+                "tensor is also used outside the module (e.g. a residual skip): map the site "
+                "with shared: true (written in place), or to another place"
+            )
 
 
 def _check_residual(engine: Engine, ids, mask, bind, n_layers: int, atol: float) -> None:

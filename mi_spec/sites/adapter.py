@@ -32,6 +32,7 @@ class Hook:
     io: Literal["input", "output"] = "output"
     block: int = 0
     per_head: int = 0
+    shared: bool = False  # the module's input is also a skip connection: write it in place
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class SiteBinding(BaseModel):
     io: Literal["input", "output"]
     start: int | None = None  # feature columns [start, stop) of the activation; None = all
     stop: int | None = None
+    # Write in place: the tensor is also used outside the module (e.g. GPT-2's ``ln_2`` input is
+    # the residual skip too), so replacing only the module's argument would patch half a site.
+    in_place: bool = False
 
     @property
     def width(self) -> int | None:
@@ -114,7 +118,7 @@ class Adapter:
             )
         module = hook.module.format(layer=site.layer)
         if site.kind not in ("head", "kv_head"):
-            return SiteBinding(name=site.name, module=module, io=hook.io)
+            return SiteBinding(name=site.name, module=module, io=hook.io, in_place=hook.shared)
         kv = site.part in ("k", "v")
         if kv and site.kind == "head" and d.gqa:
             raise ResolveError(gqa_message(site, d, self.name))

@@ -70,6 +70,11 @@ class SiteHook(Section):
         "blocks",
         description="Fused columns: 'blocks' = [all q | all k | all v], 'heads' = head by head",
     )
+    shared: bool = Field(
+        False,
+        description="The module's input tensor is also used outside it (a residual skip, as for "
+        "resid_mid at a norm's input): patch it in place so every use sees the new value",
+    )
 
 
 class DimsSpec(Section):
@@ -277,7 +282,7 @@ def _check_site(
                 + (f"; close: {', '.join(near)}" if near else ""),
             )
             return None
-    made = Hook(hook.module, hook.io, hook.block, 3 if hook.layout == "heads" else 0)
+    made = Hook(hook.module, hook.io, hook.block, 3 if hook.layout == "heads" else 0, hook.shared)
     if kind in HEAD_KINDS:
         _check_width(kind, made, d, modules[hook.module.format(layer=0)], source)
     return made

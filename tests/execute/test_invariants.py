@@ -122,3 +122,24 @@ def test_zero_ablating_a_site_that_writes_nothing_has_zero_effect():
         ids, torch.ones_like(ids), writes=[Write(site, slice(None), None, torch.zeros(()))]
     )
     assert torch.equal(clean, ablated)
+
+
+def test_residual_site_shared_with_a_skip_must_be_written_in_place():
+    """GPT-2's ``ln_2`` input is also the MLP's skip: replacing only ln_2's argument would patch
+    half of ``resid_mid``. The adapter writes it in place; the contract check catches a mapping
+    that does not."""
+    model = _gpt2()
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    engine = Engine(model, ids[:1])
+    site = bind_site(adapter_for(model), model, "L0.resid_mid")
+    assert site.in_place
+    check_sites(engine, [site], ids, mask)
+    # patched everywhere with row 0's values, row 1 computes row 0's logits
+    clean, got = engine.run(ids, mask, reads=[Read("x", site, None)])
+    value = got["x"][[0, 0, 0]]
+    patched, _ = engine.run(ids, mask, writes=[Write(site, slice(None), None, value)])
+    assert torch.allclose(patched[1], clean[0], atol=1e-5)
+    half = site.model_copy(update={"in_place": False})
+    with pytest.raises(ResolveError, match="did not carry it forward"):
+        check_sites(engine, [half], ids, mask)

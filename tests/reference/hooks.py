@@ -68,6 +68,9 @@ def patched_logits(model, ids, mask, edits) -> torch.Tensor:
         else:
 
             def pre(m, args, kwargs, site=site, positions=positions, value_fn=value_fn):
+                if args and site.in_place:  # the input is also the residual skip: edit it there
+                    args[0].copy_(apply(args[0], site, positions, value_fn))
+                    return None
                 if args:
                     return (apply(args[0], site, positions, value_fn), *args[1:]), kwargs
                 key = next(iter(kwargs))

@@ -20,7 +20,7 @@ GPT2 = register(
         table={
             "embed": Hook("transformer.wte"),
             "resid_pre": Hook("transformer.h.{layer}", "input"),
-            "resid_mid": Hook("transformer.h.{layer}.ln_2", "input"),
+            "resid_mid": Hook("transformer.h.{layer}.ln_2", "input", shared=True),
             "resid_post": Hook("transformer.h.{layer}"),
             "attn_out": Hook("transformer.h.{layer}.attn.c_proj"),
             "mlp_in": Hook("transformer.h.{layer}.mlp", "input"),

@@ -35,7 +35,7 @@ LLAMA = register(
         table={
             "embed": Hook("model.embed_tokens"),
             "resid_pre": Hook(_LAYER, "input"),
-            "resid_mid": Hook(f"{_LAYER}.post_attention_layernorm", "input"),
+            "resid_mid": Hook(f"{_LAYER}.post_attention_layernorm", "input", shared=True),
             "resid_post": Hook(_LAYER),
             "attn_out": Hook(f"{_ATTN}.o_proj"),
             "mlp_in": Hook(f"{_LAYER}.mlp", "input"),

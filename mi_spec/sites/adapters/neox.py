@@ -45,7 +45,7 @@ NEOX = register(
         table={
             "embed": Hook("gpt_neox.embed_in"),
             "resid_pre": Hook(_LAYER, "input"),
-            "resid_mid": Hook(f"{_LAYER}.post_attention_layernorm", "input"),
+            "resid_mid": Hook(f"{_LAYER}.post_attention_layernorm", "input", shared=True),
             "resid_post": Hook(_LAYER),
             "attn_out": Hook(f"{_LAYER}.attention.dense"),
             "mlp_in": Hook(f"{_LAYER}.mlp", "input"),
