@@ -136,3 +136,60 @@ def _annotate(ax, v: np.ndarray, ci: np.ndarray | None, vmax: float) -> None:
             text += f"\n±{ci[r, c]:.1g}"
         color = "white" if abs(value) > 0.6 * vmax else "black"
         ax.text(c, r, text, ha="center", va="center", fontsize=size, color=color)
+
+
+def scatter_png(
+    x: Sequence[float],
+    y: Sequence[float],
+    labels: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    highlight: Sequence[int] = (),
+    y_err: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> bytes:
+    """Points ``(x, y)`` with the ``y = x`` line; points ``highlight`` (indices) are drawn in red
+    and labelled (e.g. where an estimate and the truth disagree most). ``y_err``: (low, high)."""
+    if not len(x) == len(y) == len(labels):
+        raise ValueError("x, y and labels must have the same length")
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    fig = _figure(width=6.4, height=5.6)
+    ax = fig.add_subplot()
+    finite = np.concatenate([xs[np.isfinite(xs)], ys[np.isfinite(ys)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "--", color="grey", lw=1, label="y = x")
+    ax.axhline(0.0, color="black", lw=0.5)
+    ax.axvline(0.0, color="black", lw=0.5)
+    if y_err is not None:
+        err = np.vstack([ys - np.asarray(y_err[0], float), np.asarray(y_err[1], float) - ys])
+        err = np.clip(np.nan_to_num(err, nan=0.0), 0.0, None)
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="#4C72B0", alpha=0.5, lw=1)
+    marked = np.zeros(len(xs), dtype=bool)
+    marked[list(highlight)] = True
+    ax.scatter(xs[~marked], ys[~marked], s=28, color="#4C72B0", edgecolor="black", lw=0.4)
+    if marked.any():
+        ax.scatter(
+            xs[marked],
+            ys[marked],
+            s=36,
+            color="#C44E52",
+            edgecolor="black",
+            lw=0.4,
+            label="largest disagreements",
+        )
+    for i in np.flatnonzero(marked):
+        ax.annotate(
+            labels[i],
+            (xs[i], ys[i]),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=8,
+            color="#C44E52",
+        )
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_title(title, fontsize=12)
+    ax.legend(fontsize=9, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)

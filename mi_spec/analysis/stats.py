@@ -100,3 +100,72 @@ def _percentiles(boots: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     low, high = np.percentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=-1)
     return np.asarray(low), np.asarray(high)
+
+
+def ranks(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Ranks 1..n along ``axis``, ties sharing their average rank (as Spearman's rho needs)."""
+    a = np.moveaxis(np.asarray(x, dtype=float), axis, -1)
+    order = np.argsort(a, axis=-1, kind="stable")
+    sorted_a = np.take_along_axis(a, order, -1)
+    n = a.shape[-1]
+    out = np.empty_like(a)
+    for idx in np.ndindex(a.shape[:-1]):
+        s = sorted_a[idx]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        stops = np.r_[starts[1:], n]
+        avg = np.repeat((starts + stops + 1) / 2.0, stops - starts)  # mean of ranks start+1..stop
+        out[idx][order[idx]] = avg
+    return np.moveaxis(out, -1, axis)
+
+
+def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Pearson's r along ``axis`` (NaN where either side is constant)."""
+    a = np.moveaxis(np.asarray(x, dtype=float), axis, -1)
+    b = np.moveaxis(np.asarray(y, dtype=float), axis, -1)
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1)))
+
+
+def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Spearman's rank correlation along ``axis``: Pearson's r of the (tie-averaged) ranks."""
+    return pearson(ranks(x, axis), ranks(y, axis), axis)
+
+
+def bootstrap_correlation_ci(
+    x: np.ndarray,
+    y: np.ndarray,
+    method: str = "spearman",
+    magnitude: bool = False,
+    zero_tol: float = 0.0,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(estimate, low, high) of the correlation between the per-item means of ``x`` and ``y``.
+
+    ``x`` and ``y`` are ``[items, n]`` per-example values (e.g. estimated and true effects of each
+    site); each bootstrap replicate resamples the examples (the same ones for every item and both
+    sides), takes the per-item means and correlates them across items (``spearman``/``pearson``).
+    ``magnitude``: correlate ``|mean|`` (a ranking by size). ``zero_tol``: means within
+    ``zero_tol * max|mean|`` of 0 count as exactly 0 (float noise must not make ranks).
+    """
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"x and y must both be [items, n], got {a.shape} and {b.shape}")
+    corr = {"spearman": spearman, "pearson": pearson}[method]
+
+    def prep(means: np.ndarray) -> np.ndarray:  # [items, ...]
+        m = np.abs(means) if magnitude else means.copy()
+        m[np.abs(m) <= zero_tol * np.abs(m).max(axis=0, keepdims=True)] = 0.0
+        return m
+
+    estimate = float(corr(prep(a.mean(-1)), prep(b.mean(-1))))
+    idx = _draw_indices(a.shape[-1], n_boot, seed)
+    boots = corr(prep(_boot_means(a, idx)), prep(_boot_means(b, idx)), axis=0)  # [n_boot]
+    boots = boots[np.isfinite(boots)]
+    if not boots.size:
+        return estimate, float("nan"), float("nan")
+    low, high = _percentiles(boots, alpha)
+    return estimate, float(low), float(high)
