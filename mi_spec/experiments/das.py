@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import Field, PositiveInt
 
 from mi_spec.analysis.figures import _figure, _png, bars_png
+from mi_spec.analysis.graph_figure import hypothesis_graph_png
 from mi_spec.analysis.report import ExperimentReport
 from mi_spec.analysis.stats import bootstrap_ci
 from mi_spec.causal.graph import CausalModel
@@ -331,6 +332,15 @@ class Das:
         rep.figures["iia.png"] = _bars(rep.name, stats, best)
         if len(stats) > 1:
             rep.figures["iia_curve.png"] = _curve(rep.name, stats)
+        aligned = by_config[best][0][0].params
+        at = f"{aligned['site']}@{aligned['position']}"
+        rep.figures["graph.png"] = hypothesis_graph_png(
+            ctx.causal.graph if ctx.causal else None,
+            {v: [at] for v in first["variables"]},
+            [first["output"]],
+            [],
+            f"{rep.name}: {', '.join(first['variables'])} aligned at {at}",
+        )
         rep.warnings += _warnings(differs, test, results)
         return rep
 

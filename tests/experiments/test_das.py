@@ -287,6 +287,7 @@ def test_sweep_boundless_mlflow_and_reuse(tmp_path, tracking_uri):
     assert {
         "iia.png",
         "iia_curve.png",
+        "graph.png",
         "das.csv",
         "rotation_L0.resid_post.last.k4.seed0.pt",
     } <= files
