@@ -1,7 +1,7 @@
 """Load hypothesis YAML files into plain data, remembering where every value was written.
 
 Loading is safe: the node tree is composed with `yaml.SafeLoader` and converted to plain Python
-here, so no object is ever constructed. Only the standard plain-data tags are accepted (mapping,
+(`mi_spec.spec.yaml_tree`), so no object is ever constructed. Only the standard plain-data tags are accepted (mapping,
 sequence, str, int, float, bool, null); any other tag (`!!python/object`, `!function`, `!!set`,
 ...) is an error located at file:line:col. Timestamps are kept as their source text, and mapping
 keys are strings or ints (any other scalar key, e.g. `on:` or `1.5:`, keeps its source text).
@@ -30,22 +30,33 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-import yaml.constructor
 
 from mi_spec.errors import SpecError, SpecIssue
+from mi_spec.spec.yaml_tree import (
+    Converter,
+    Entry,
+    FieldPath,
+    Mark,
+    compose,
+    compose_node,
+    issue,
+    plain,
+    wrap,
+)
 
-Mark = tuple[str, int, int]
-FieldPath = tuple[str | int, ...]
+__all__ = [
+    "SET_FILE",
+    "FieldPath",
+    "LoadedDoc",
+    "Mark",
+    "deep_merge",
+    "dump_yaml",
+    "load_yaml",
+    "set_path",
+]
 
 SET_FILE = "<--set>"  # the file of a mark for a value set by an override
 SET_SOURCE = "--set"  # the provenance of a value set by an override
-
-_STD = "tag:yaml.org,2002:"
-_MAP_TAG, _SEQ_TAG, _MERGE_TAG = f"{_STD}map", f"{_STD}seq", f"{_STD}merge"
-_TIMESTAMP_TAG = f"{_STD}timestamp"
-_SCALAR_TAGS = frozenset(f"{_STD}{name}" for name in ("str", "int", "float", "bool", "null"))
-_MAX_NODES = 1_000_000  # guards against alias bombs ("billion laughs")
-_CONSTRUCTOR = yaml.constructor.SafeConstructor()
 
 
 @dataclass
@@ -61,15 +72,6 @@ class LoadedDoc:
     # path -> where its value starts (for a mapping entry, after the key)
     value_marks: dict[FieldPath, Mark] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)  # the `--set` strings, in order
-
-
-@dataclass
-class _Entry:
-    """A value with its marks; containers hold `_Entry` children."""
-
-    value: Any  # a scalar, dict[str | int, _Entry] or list[_Entry]
-    mark: Mark  # where the key (mapping entry) or the item (sequence) was written
-    value_mark: Mark  # where the value itself starts
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -106,167 +108,12 @@ def dump_yaml(data: dict[str, Any]) -> str:
 def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """`child` merged over `base` with the `extends` rules (mappings merge, the rest is replaced)."""
     mark: Mark = ("", 0, 0)
-    return _plain(_merge(_wrap(base, mark), _wrap(child, mark)))
+    return plain(_merge(wrap(base, mark), wrap(child, mark)))
 
 
 def set_path(data: Any, path: Sequence[str | int], value: Any) -> None:
     """Set `value` at `path` inside `data` in place, with the `--set` rules; ValueError if invalid."""
     _set_in(data, path, value, dict, lambda container: container)
-
-
-# --- reading and composing -------------------------------------------------------------------
-
-
-def _mark(mark: yaml.Mark, file: str) -> Mark:
-    return (file, mark.line + 1, mark.column + 1)
-
-
-def _issue(message: str, mark: Mark | None, path: FieldPath = ()) -> SpecIssue:
-    dotted = ".".join(map(str, path))
-    if mark is None:
-        return SpecIssue(message, path=dotted)
-    return SpecIssue(message, path=dotted, file=mark[0], line=mark[1], col=mark[2])
-
-
-def _yaml_issue(err: yaml.YAMLError, file: str) -> SpecIssue:
-    """A SpecIssue for a YAML reader/scanner/parser/composer error."""
-    if not isinstance(err, yaml.MarkedYAMLError):
-        return SpecIssue(f"invalid YAML: {err}", file=file)
-    problem = err.problem or err.context or str(err)
-    extra = f" ({err.context})" if err.problem and err.context else ""
-    where = err.problem_mark or err.context_mark
-    return _issue(f"invalid YAML: {problem}{extra}", None if where is None else _mark(where, file))
-
-
-def _short_tag(tag: str) -> str:
-    return "!!" + tag[len(_STD) :] if tag.startswith(_STD) else tag
-
-
-class _Converter:
-    """Turns a composed node tree into `_Entry` values, collecting every issue found."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.issues: list[SpecIssue] = []
-        self._active: set[int] = set()
-        self._count = 0
-
-    def convert(self, node: yaml.Node, path: FieldPath, mark: Mark) -> _Entry:
-        value_mark = _mark(node.start_mark, self.file)
-        self._count += 1
-        if self._count > _MAX_NODES:
-            raise SpecError([_issue("document too large (alias expansion?)", value_mark, path)])
-        if id(node) in self._active:
-            self.issues.append(_issue("recursive alias", mark, path))
-            return _Entry(None, mark, value_mark)
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                value: Any = self._mapping(node, path)
-            elif isinstance(node, yaml.SequenceNode):
-                value = self._sequence(node, path)
-            else:
-                value = self._scalar(node, path)
-        finally:
-            self._active.discard(id(node))
-        return _Entry(value, mark, value_mark)
-
-    def _check_tag(self, node: yaml.Node, allowed: str, path: FieldPath) -> None:
-        if node.tag != allowed:
-            message = f"unsupported YAML tag {_short_tag(node.tag)!r}: only plain data is allowed"
-            self.issues.append(_issue(message, _mark(node.start_mark, self.file), path))
-
-    def _scalar(self, node: yaml.Node, path: FieldPath) -> Any:
-        if node.tag == _TIMESTAMP_TAG:
-            return node.value
-        if node.tag not in _SCALAR_TAGS:
-            self._check_tag(node, f"{_STD}str", path)
-            return node.value
-        try:
-            return _CONSTRUCTOR.yaml_constructors[node.tag](_CONSTRUCTOR, node)
-        except (yaml.YAMLError, ValueError):
-            message = f"cannot read {node.value!r} as {_short_tag(node.tag)}"
-            self.issues.append(_issue(message, _mark(node.start_mark, self.file), path))
-            return node.value
-
-    def _key(self, node: yaml.Node, path: FieldPath) -> str | int | None:
-        if not isinstance(node, yaml.ScalarNode):
-            message = "mapping keys must be plain scalars"
-            self.issues.append(_issue(message, _mark(node.start_mark, self.file), path))
-            return None
-        key = self._scalar(node, path)
-        if isinstance(key, bool) or not isinstance(key, str | int):
-            return str(node.value)
-        return key
-
-    def _mapping(self, node: yaml.MappingNode, path: FieldPath) -> dict[str | int, _Entry]:
-        self._check_tag(node, _MAP_TAG, path)
-        result: dict[str | int, _Entry] = {}
-        merges: list[yaml.Node] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merges.append(value_node)
-                continue
-            key = self._key(key_node, path)
-            if key is None:
-                continue
-            key_mark = _mark(key_node.start_mark, self.file)
-            if key in result:
-                first = result[key].mark
-                message = (
-                    f"duplicate key {key!r} (first defined at line {first[1]}, col {first[2]})"
-                )
-                self.issues.append(_issue(message, key_mark, (*path, key)))
-                continue
-            result[key] = self.convert(value_node, (*path, key), key_mark)
-        for merge in merges:
-            for source in self._merge_sources(merge, path):
-                for key, entry in source.items():
-                    result.setdefault(key, entry)
-        return result
-
-    def _merge_sources(self, node: yaml.Node, path: FieldPath) -> list[dict[str | int, _Entry]]:
-        """The mappings a `<<` merge key names, highest precedence first."""
-        nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
-        if not all(isinstance(n, yaml.MappingNode) for n in nodes):
-            message = "a '<<' merge key needs a mapping or a list of mappings"
-            self.issues.append(_issue(message, _mark(node.start_mark, self.file), path))
-            return []
-        mark = _mark(node.start_mark, self.file)
-        entries = [self.convert(n, path, mark) for n in nodes]
-        return [e.value for e in entries if isinstance(e.value, dict)]
-
-    def _sequence(self, node: yaml.SequenceNode, path: FieldPath) -> list[_Entry]:
-        self._check_tag(node, _SEQ_TAG, path)
-        return [
-            self.convert(item, (*path, i), _mark(item.start_mark, self.file))
-            for i, item in enumerate(node.value)
-        ]
-
-
-def _compose_node(text: str, file: str) -> yaml.Node | None:
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise SpecError([_yaml_issue(err, file)]) from None
-
-
-def _compose(text: str, file: str) -> _Entry:
-    """The `_Entry` tree of one file's text; the top level must be a mapping."""
-    node = _compose_node(text, file)
-    if node is None:
-        raise SpecError(
-            [SpecIssue("the file is empty: expected a mapping", file=file, line=1, col=1)]
-        )
-    mark = _mark(node.start_mark, file)
-    if not isinstance(node, yaml.MappingNode):
-        kind = "a list" if isinstance(node, yaml.SequenceNode) else f"{node.value!r}"
-        raise SpecError([_issue(f"the top level must be a mapping, found {kind}", mark)])
-    converter = _Converter(file)
-    root = converter.convert(node, (), mark)
-    if converter.issues:
-        raise SpecError(converter.issues)
-    return root
 
 
 # --- extends ---------------------------------------------------------------------------------
@@ -279,9 +126,9 @@ def _read(path: Path, origin: Mark | None) -> str:
     except FileNotFoundError:
         if origin is None:
             raise SpecError([SpecIssue("file not found", file=str(path))]) from None
-        raise SpecError([_issue(f"extended file not found: {str(path)!r}", origin)]) from None
+        raise SpecError([issue(f"extended file not found: {str(path)!r}", origin)]) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise SpecError([_issue(f"cannot read {str(path)!r}: {err}", origin)]) from None
+        raise SpecError([issue(f"cannot read {str(path)!r}: {err}", origin)]) from None
 
 
 class _Loader:
@@ -291,17 +138,17 @@ class _Loader:
         self.files: list[Path] = []
         self.main_text = ""
 
-    def load(self, path: Path, stack: tuple[Path, ...], origin: Mark | None) -> _Entry:
+    def load(self, path: Path, stack: tuple[Path, ...], origin: Mark | None) -> Entry:
         resolved = [p.resolve() for p in stack]
         if path.resolve() in resolved:
             cycle = [*stack[resolved.index(path.resolve()) :], path]
             message = "extends cycle: " + " -> ".join(map(str, cycle))
-            raise SpecError([_issue(message, origin)])
+            raise SpecError([issue(message, origin)])
         text = _read(path, origin)
         if not stack:
             self.main_text = text
-        root = _compose(text, str(path))
-        merged: _Entry | None = None
+        root = compose(text, str(path))
+        merged: Entry | None = None
         for base, mark in _bases(root, path):
             tree = self.load(base, (*stack, path), mark)
             merged = tree if merged is None else _merge(merged, tree)
@@ -310,7 +157,7 @@ class _Loader:
         return root if merged is None else _merge(merged, root)
 
 
-def _bases(root: _Entry, path: Path) -> list[tuple[Path, Mark]]:
+def _bases(root: Entry, path: Path) -> list[tuple[Path, Mark]]:
     """Pop the top-level `extends` entry; the files it names, with where each was written."""
     entry = root.value.pop("extends", None)
     if entry is None:
@@ -318,38 +165,21 @@ def _bases(root: _Entry, path: Path) -> list[tuple[Path, Mark]]:
     items = [entry] if isinstance(entry.value, str) else entry.value
     if not isinstance(items, list) or not all(isinstance(i.value, str) for i in items):
         message = "'extends' must be a file name or a list of file names"
-        raise SpecError([_issue(message, entry.value_mark, ("extends",))])
+        raise SpecError([issue(message, entry.value_mark, ("extends",))])
     return [(path.parent / item.value, item.value_mark) for item in items]
 
 
-def _merge(base: _Entry, child: _Entry) -> _Entry:
+def _merge(base: Entry, child: Entry) -> Entry:
     """`child` over `base`: mappings merge recursively, anything else is replaced whole."""
     if not (isinstance(base.value, dict) and isinstance(child.value, dict)):
         return child
     merged = dict(base.value)
     for key, entry in child.value.items():
         merged[key] = _merge(merged[key], entry) if key in merged else entry
-    return _Entry(merged, child.mark, child.value_mark)
+    return Entry(merged, child.mark, child.value_mark)
 
 
 # --- overrides -------------------------------------------------------------------------------
-
-
-def _wrap(value: Any, mark: Mark) -> _Entry:
-    """Plain data as an `_Entry` tree, every part marked with `mark`."""
-    if isinstance(value, dict):
-        value = {k: _wrap(v, mark) for k, v in value.items()}
-    elif isinstance(value, list):
-        value = [_wrap(v, mark) for v in value]
-    return _Entry(value, mark, mark)
-
-
-def _plain(entry: _Entry) -> Any:
-    if isinstance(entry.value, dict):
-        return {k: _plain(e) for k, e in entry.value.items()}
-    if isinstance(entry.value, list):
-        return [_plain(e) for e in entry.value]
-    return entry.value
 
 
 def _override_error(override: str, reason: str) -> SpecError:
@@ -359,27 +189,27 @@ def _override_error(override: str, reason: str) -> SpecError:
 def _parse_value(raw: str, override: str) -> Any:
     """The override's value, parsed as a safe YAML flow value."""
     try:
-        node = _compose_node(raw, SET_FILE)
+        node = compose_node(raw, SET_FILE)
     except SpecError as err:
         raise _override_error(override, err.issues[0].message) from None
     if node is None:
         return None
-    converter = _Converter(SET_FILE)
+    converter = Converter(SET_FILE)
     entry = converter.convert(node, (), (SET_FILE, 0, 0))
     if converter.issues:
         raise _override_error(override, converter.issues[0].message)
-    return _plain(entry)
+    return plain(entry)
 
 
-def _apply_override(root: _Entry, override: str, index: int) -> None:
+def _apply_override(root: Entry, override: str, index: int) -> None:
     name, sep, raw = override.partition("=")
     segments = name.strip().split(".")
     if not sep or not all(segments):
         raise _override_error(override, "expected 'dotted.path=value'")
     mark: Mark = (SET_FILE, 0, index)
-    value = _wrap(_parse_value(raw, override), mark)
+    value = wrap(_parse_value(raw, override), mark)
     try:
-        _set_in(root.value, segments, value, lambda: _Entry({}, mark, mark), lambda e: e.value)
+        _set_in(root.value, segments, value, lambda: Entry({}, mark, mark), lambda e: e.value)
     except ValueError as err:
         raise _override_error(override, str(err)) from None
 
@@ -454,7 +284,7 @@ class _Index:
     provenance: dict[FieldPath, str] = field(default_factory=dict)
 
 
-def _collect(entry: _Entry, path: FieldPath, index: _Index) -> Any:
+def _collect(entry: Entry, path: FieldPath, index: _Index) -> Any:
     """The plain value of `entry`, recording marks and leaf provenance into `index`."""
     index.marks[path] = entry.mark
     index.value_marks[path] = entry.value_mark
