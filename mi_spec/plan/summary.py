@@ -45,7 +45,7 @@ def summarize(plan: Plan) -> str:
         peak = max(peak_bytes(plan, j, seq) for j in jobs)
         lines += [
             f"\n  {exp.name} ({exp.kind})",
-            f"    {len(jobs)} jobs x {len(jobs[0].variants)} variants on {rows} examples;"
+            f"    {len(jobs)} jobs x {_units(jobs[0])} on {rows} examples;"
             f" source: {jobs[0].source}",
             f"    {passes} forward passes ({passes / max(1, len(jobs)):.1f} per job)"
             + (f", {backward} backward" if backward else "")
@@ -54,3 +54,12 @@ def summarize(plan: Plan) -> str:
             f"    sites: {', '.join(sorted({s for j in jobs for s in j.sites}))}",
         ]
     return "\n".join(lines)
+
+
+def _units(job: Job) -> str:
+    """What a job sweeps: its variants, or the items an op keeps in its params."""
+    if not job.variants and "items" in job.params:
+        return f"{len(job.params['items'])} items"
+    if not job.variants and "variants" in job.params:
+        return f"{len(job.params['variants'])} variants"
+    return f"{len(job.variants)} variants"
