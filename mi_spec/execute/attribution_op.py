@@ -43,7 +43,7 @@ from mi_spec.errors import ExecutionError, ResolveError
 from mi_spec.execute.engine import Engine
 from mi_spec.execute.metrics import make_targets, picked_logits, score
 from mi_spec.execute.ops import op_for, register_op
-from mi_spec.execute.run_job import Batch, _source_values, make_batch, run_job
+from mi_spec.execute.run_job import Batch, make_batch, run_job, source_values
 from mi_spec.plan.ir import Intervention, Job, JobResult, Plan, Variant
 from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import MetricSection
@@ -156,7 +156,7 @@ def _estimate(
     base = make_batch(data, rows, engine.device)
     targets = make_targets(MetricSection.model_validate(plan.metric), data, rows, table)
     keys = sorted({(it.site, it.pos) for it in items}, key=str)
-    values, source_logits = _source_values(job, plan, table, engine, data, base, keys)
+    values, source_logits = source_values(job, plan, table, engine, data, base, keys)
     roles = {pos: base.role(table, pos) for pos in {it.pos for it in items}}
     edge = p["level"] == "edge"
     names = {it.site for it in items}

@@ -50,7 +50,7 @@ from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, Read, Write
 from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score
 from mi_spec.execute.ops import register_op
-from mi_spec.execute.run_job import Batch, _source_values, make_batch
+from mi_spec.execute.run_job import Batch, make_batch, source_values
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import MetricSection
@@ -392,7 +392,7 @@ def _source_pass(
     the base targets (None for zero/mean sources, or a source of another length)."""
     table = plan.position_table()
     if job.source not in ("rows", "column"):
-        return _source_values(job, plan, table, engine, data, base, keys)[0], None
+        return source_values(job, plan, table, engine, data, base, keys)[0], None
     metric = MetricSection.model_validate(plan.metric)
     targets = make_targets(metric, data, list(job.rows), table)
     parts: dict[tuple[str, Role], list[torch.Tensor]] = defaultdict(list)
@@ -402,7 +402,7 @@ def _source_pass(
         if job.source == "rows":
             update["source_rows"] = job.source_rows[a:z]
         sub = _sub_batch(base, a, z)
-        got, logits = _source_values(
+        got, logits = source_values(
             job.model_copy(update=update), plan, table, engine, data, sub, keys
         )
         for k, v in got.items():

@@ -53,7 +53,7 @@ def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     keys = sorted(
         {(i.site, i.pos) for v in job.variants for i in v.interventions}, key=lambda k: str(k)
     )
-    values, source_logits = _source_values(job, plan, table, engine, data, base, keys)
+    values, source_logits = source_values(job, plan, table, engine, data, base, keys)
     clean_logp = None
     per_variant: list[torch.Tensor] = []
     todo: list[Variant | None] = [None, *job.variants]  # None = the clean run
@@ -76,7 +76,7 @@ def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     )
 
 
-def _source_values(
+def source_values(
     job: Job,
     plan: Plan,
     table: dict[str, PositionSpec],

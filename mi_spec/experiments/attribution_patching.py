@@ -17,7 +17,6 @@ that needs rows (and sources) of one length.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,9 +40,12 @@ from mi_spec.experiments.path_patching import (
     LOGITS,
     PathPatchingSpec,
     freeze_sites,
+    is_head_input,
+    is_head_output,
     path_pairs,
     receiver_stage,
     sender_stage,
+    site_of,
 )
 from mi_spec.plan.ir import Job, JobResult
 from mi_spec.sites.vocabulary import expand_patterns
@@ -57,9 +59,6 @@ NOT_DIFFERENTIABLE = {
 ZERO_TOL = 1e-6  # |effect| below this share of the largest is float noise: ranked as 0
 SIZEABLE = 0.1  # of the largest |effect| among verified items: below it, disagreements are noise
 REL_TOL = 0.5  # |estimate - truth| above this share of |truth| is a disagreement
-_HEAD_IN = re.compile(r"^L(\d+)\.(?:H|KV)\d+:[qkv]$")
-_MLP_IN = re.compile(r"^L(\d+)\.mlp_in$")
-_HEAD = re.compile(r"^L(\d+)\.H\d+$")
 
 
 class VerifySpec(Section):
@@ -234,16 +233,17 @@ def _edges(
 
     points: dict[str, str] = {}
     for r in dict.fromkeys(p.receivers[0] for p in pairs):
+        site = site_of(r)
         if r == LOGITS:
             points[r] = need(f"L{n_layers - 1}.resid_post", "receiver 'logits'")
-        elif m := _HEAD_IN.match(r):
-            points[r] = need(f"L{m[1]}.resid_pre", f"receiver {r!r}")
-        elif m := _MLP_IN.match(r):
-            points[r] = need(f"L{m[1]}.resid_mid", f"receiver {r!r}")
+        elif is_head_input(site):
+            points[r] = need(f"L{site.layer}.resid_pre", f"receiver {r!r}")
+        elif site is not None and site.kind == "mlp_in":
+            points[r] = need(f"L{site.layer}.resid_mid", f"receiver {r!r}")
     through = {
-        p.sender: need(f"L{m[1]}.attn_out", f"head sender {p.sender!r}")
+        p.sender: need(f"L{site.layer}.attn_out", f"head sender {p.sender!r}")
         for p in pairs
-        if (m := _HEAD.match(p.sender))
+        if is_head_output(site := site_of(p.sender))
     }
     components = [c for c in ctx.vocabulary if c == "embed" or c.endswith(("attn_out", "mlp_out"))]
     before = {

@@ -11,10 +11,9 @@ one pass 2 per sender among all its receivers (``execute/path_op.py``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import numpy as np
 from pydantic import Field
@@ -36,12 +35,9 @@ from mi_spec.experiments.base import (
 )
 from mi_spec.experiments.effects import _at, _put, gather
 from mi_spec.plan.ir import Intervention, Job, JobResult, Variant
-from mi_spec.sites.vocabulary import expand_patterns
+from mi_spec.sites.vocabulary import Site, SiteSyntaxError, expand_patterns, parse_site
 
 Stage = tuple[int, int]  # (layer, place in the layer): forward order of the components
-_HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
-_HEAD_IN = re.compile(r"^L(\d+)\.(?:H|KV)(\d+):([qkv])$")
-_LAYER = re.compile(r"^L(\d+)\.(attn_out|mlp_in|mlp_out)$")
 _PLACE = {"attn_out": 2, "mlp_in": 3, "mlp_out": 4}  # head inputs 0, head outputs 1
 SENDERS = "head outputs 'L{l}.H{h}', 'L{l}.attn_out', 'L{l}.mlp_out' or 'embed'"
 RECEIVERS = "head inputs 'L{l}.H{h}:q|k|v', 'L{l}.mlp_in' or 'logits'"
@@ -73,26 +69,45 @@ class PathPatchingSpec(ExperimentSpec):
     kind_name = "path_patching"
 
 
-def sender_stage(site: str) -> Stage:
+def site_of(text: str) -> Site | None:
+    """The parsed site when ``text`` is its canonical spelling (no aliases), else None."""
+    try:
+        site = parse_site(text)
+    except SiteSyntaxError:
+        return None
+    return site if site.name == text else None
+
+
+def is_head_output(site: Site | None) -> TypeGuard[Site]:
+    return site is not None and site.kind == "head" and site.part is None
+
+
+def is_head_input(site: Site | None) -> TypeGuard[Site]:
+    return site is not None and site.kind in ("head", "kv_head") and site.part is not None
+
+
+def sender_stage(text: str) -> Stage:
     """Where a sender writes, in forward order: ``embed`` first, then per layer."""
-    if site == "embed":
+    site = site_of(text)
+    if site is not None and site.kind == "embed":
         return (-1, 0)
-    if m := _HEAD.match(site):
-        return (int(m[1]), 1)
-    if (m := _LAYER.match(site)) and m[2] != "mlp_in":
-        return (int(m[1]), _PLACE[m[2]])
-    raise ResolveError(f"path patching sender {site!r}: expected {SENDERS}")
+    if is_head_output(site):
+        return (site.layer, 1)
+    if site is not None and site.kind in ("attn_out", "mlp_out"):
+        return (site.layer, _PLACE[site.kind])
+    raise ResolveError(f"path patching sender {text!r}: expected {SENDERS}")
 
 
-def receiver_stage(site: str, n_layers: int) -> Stage:
+def receiver_stage(text: str, n_layers: int) -> Stage:
     """Where a receiver reads, in forward order; ``logits`` after every layer."""
-    if site == LOGITS:
+    site = site_of(text)
+    if site is not None and site.kind == LOGITS:
         return (n_layers, 0)
-    if m := _HEAD_IN.match(site):
-        return (int(m[1]), 0)
-    if (m := _LAYER.match(site)) and m[2] == "mlp_in":
-        return (int(m[1]), 3)
-    raise ResolveError(f"path patching receiver {site!r}: expected {RECEIVERS}")
+    if is_head_input(site):
+        return (site.layer, 0)
+    if site is not None and site.kind == "mlp_in":
+        return (site.layer, _PLACE["mlp_in"])
+    raise ResolveError(f"path patching receiver {text!r}: expected {RECEIVERS}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,7 @@ def freeze_sites(pairs: Sequence[PathPair], ctx: CompileContext) -> list[str]:
     """
     first = min(sender_stage(p.sender) for p in pairs)
     last = max(receiver_stage(r, ctx.dims.n_layers) for p in pairs for r in p.receivers)
-    parts = [s for s in ctx.vocabulary if _HEAD.match(s) or s.endswith(".mlp_out")]
+    parts = [s for s in ctx.vocabulary if is_head_output(site_of(s)) or s.endswith(".mlp_out")]
     return [s for s in parts if first < sender_stage(s) < last]
 
 
