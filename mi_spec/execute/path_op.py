@@ -40,7 +40,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -52,59 +51,12 @@ from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score
 from mi_spec.execute.ops import register_op
 from mi_spec.execute.run_job import Batch, make_batch, source_values
 from mi_spec.plan.ir import Job, JobResult, Plan
+from mi_spec.plan.path_pairs import Pairs, Role, source_stage_rows
 from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import MetricSection
 
-LOGITS = "logits"
 _PICKED = "__picked__"  # pass-2 logits at the metric positions (for logits-only pairs)
-Role = str | int | None
 Segment = tuple[int, int, int, int]  # (block, first row, stop row, offset of the first row)
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """A path_patch job's pairs, grouped by (sender, sender position)."""
-
-    groups: list[tuple[str, Role]]
-    group_of: list[int]
-    receivers: list[list[str]]
-    receiver_pos: list[Role]
-
-    @cached_property
-    def logits_only(self) -> list[bool]:
-        """Per pair: whether its receivers are only ``logits`` (then it needs no pass 3)."""
-        return [all(s == LOGITS for s in r) for r in self.receivers]
-
-    @classmethod
-    def of(cls, job: Job) -> Pairs:
-        """Read and check the job's pairs (see the module docstring for the contract)."""
-        n = len(job.variants)
-        receivers = job.params.get("receivers")
-        receiver_pos = job.params.get("receiver_pos")
-        where = f"path_patch job {job.id or '?'} ({job.experiment})"
-        if not isinstance(receivers, list) or len(receivers) != n or not all(receivers):
-            raise ExecutionError(
-                f"{where}: params.receivers must list receiver sites for each of its {n} pairs"
-            )
-        if not isinstance(receiver_pos, list) or len(receiver_pos) != n:
-            raise ExecutionError(f"{where}: params.receiver_pos needs one entry per pair ({n})")
-        groups: dict[tuple[str, Role], int] = {}
-        group_of = []
-        for v in job.variants:
-            if len(v.interventions) != 1:
-                raise ExecutionError(
-                    f"{where}: pair {v.label!r} needs exactly one intervention (its sender), "
-                    f"found {len(v.interventions)}"
-                )
-            key = (v.interventions[0].site, v.interventions[0].pos)
-            group_of.append(groups.setdefault(key, len(groups)))
-        return cls(list(groups), group_of, [list(r) for r in receivers], list(receiver_pos))
-
-    def level_rows(self, job: Job) -> list[int]:
-        """Rows of the source, clean, pass-2 and pass-3 stages of ``job`` (params.level_rows)."""
-        b = len(job.rows)
-        pass3 = sum(not x for x in self.logits_only)
-        return [_source_rows(job), b, len(self.groups) * b, pass3 * b]
 
 
 def merged_bindings(sites: list[SiteBinding]) -> list[SiteBinding]:
@@ -348,13 +300,7 @@ class _PathRun:
 
 def _source_passes(job: Job, max_rows: int) -> int:
     """Forward passes of the source stage (``mean`` averages reference rows in chunks)."""
-    return -(-_source_rows(job) // max_rows)
-
-
-def _source_rows(job: Job) -> int:
-    if job.source == "mean":
-        return len(job.source_rows)
-    return len(job.rows) if job.source in ("rows", "column") else 0
+    return -(-source_stage_rows(job) // max_rows)
 
 
 def _clean_pass(

@@ -22,7 +22,6 @@ from mi_spec.analysis.figures import heatmap_png
 from mi_spec.analysis.report import ExperimentReport
 from mi_spec.analysis.stats import bootstrap_ci, bootstrap_ratio_ci
 from mi_spec.errors import ResolveError
-from mi_spec.execute.path_op import LOGITS, Pairs
 from mi_spec.experiments.activation_patching import SourceSpec
 from mi_spec.experiments.base import (
     CompileContext,
@@ -35,6 +34,7 @@ from mi_spec.experiments.base import (
 )
 from mi_spec.experiments.effects import _at, _put, gather
 from mi_spec.plan.ir import Intervention, Job, JobResult, Variant
+from mi_spec.plan.path_pairs import LOGITS, Pairs
 from mi_spec.sites.vocabulary import Site, SiteSyntaxError, expand_patterns, parse_site
 
 Stage = tuple[int, int]  # (layer, place in the layer): forward order of the components
