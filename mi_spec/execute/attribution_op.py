@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mi_spec.data.dataset import Dataset
-from mi_spec.errors import ExecutionError, ResolveError
+from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine
 from mi_spec.execute.metrics import make_targets, picked_logits, score
 from mi_spec.execute.ops import op_for, register_op
@@ -164,7 +164,7 @@ def _estimate(
         names |= {it.receiver for it in items} | set(p["points"].values())
         names |= set(p["through"].values()) | set(p["components"])
     sites = {s: plan.sites[s] for s in names}
-    acts, logits = grad_pass(engine, base, sites.values())
+    acts, logits = grad_pass(engine, base, list(sites.values()))
     clean = score(kind, logits, targets)
     clean_logp = torch.log_softmax(picked_logits(logits, targets), -1).detach()
     source = None
@@ -273,53 +273,11 @@ def _act_key(site: SiteBinding) -> Act:
 
 
 def grad_pass(
-    engine: Engine, base: Batch, sites: Sequence[SiteBinding] | Any
+    engine: Engine, base: Batch, sites: Sequence[SiteBinding]
 ) -> tuple[dict[Act, torch.Tensor], torch.Tensor]:
-    """One forward of the base rows with autograd on: every site's whole activation (module
-    input/output, in the graph) and the logits.
-
-    The gradient must be that of the value a patch replaces: a module *input* is swapped for a
-    copy that only this module reads (as a patch of it reaches this module only), except for
-    ``in_place`` sites (GPT-2's ``ln_2`` input, which is also the MLP's skip connection): those
-    stay the live tensor (given a grad path by adding a zero in place if needed), so the gradient
-    covers every use, as a patch does.
-    An activation that does not require grad yet (frozen weights) is swapped for an equal leaf."""
-    keys = sorted({_act_key(s) for s in sites}, key=lambda k: engine.order[k])
-    shared = {_act_key(s) for s in sites if s.in_place}
-    for s in sites:
-        engine.check_binding(s)
-    acts: dict[Any, torch.Tensor] = {}
-    kwargs = {"attention_mask": base.mask} if engine.pass_mask else {}
-    try:
-        with torch.enable_grad(), engine.nn.trace(base.ids, **kwargs):
-            for module, io in keys:
-                env = engine.envoy(module)
-                act = env.input if io == "input" else env.output
-                if (module, io) in shared:  # keep the live tensor, so every use is in the graph
-                    if not act.requires_grad:
-                        act.add_(torch.zeros_like(act, requires_grad=True))
-                    acts[(module, io)] = act
-                    continue
-                swap = not act.requires_grad or io == "input"
-                if not act.requires_grad:
-                    act = act.detach().requires_grad_(True)
-                elif io == "input":
-                    act = act.clone()
-                if swap and io == "input":
-                    env.input = act
-                elif swap:
-                    env.output = act
-                acts[(module, io)] = act
-            acts["__logits__"] = engine.nn.output
-    except (ResolveError, ExecutionError):
-        raise
-    except Exception as e:
-        names = ", ".join(sorted(f"{m}.{io}" for m, io in keys))
-        raise ExecutionError(
-            f"attribution: gradient pass over [{names}] failed: {type(e).__name__}: {e}"
-        ) from e
-    out = acts.pop("__logits__")
-    logits = out.logits if hasattr(out, "logits") else out
+    """One forward of the base rows with autograd on (``Engine.run_with_grad``): every site's
+    whole activation, in the graph, and the logits."""
+    acts, logits = engine.run_with_grad(base.ids, base.mask, sites)
     if not logits.requires_grad:
         raise ExecutionError("attribution: the logits do not depend on any site (no gradient)")
     return acts, logits

@@ -133,12 +133,44 @@ class Engine:
             raise
         except Exception as e:
             names = ", ".join(sorted({_binding_of(v).name for v in by_site.values()}))
-            raise ExecutionError(
-                f"forward pass with sites [{names}] failed: {type(e).__name__}: {e}"
-            ) from e
-        result = out.pop("__logits__")
-        logits = result.logits if hasattr(result, "logits") else result
-        return logits, out
+            raise _failed("forward pass with sites", names, e) from e
+        return _logits_of(out.pop("__logits__")), out
+
+    def run_with_grad(
+        self, ids: torch.Tensor, mask: torch.Tensor, sites: Sequence[SiteBinding]
+    ) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
+        """One forward with autograd on: each site's whole activation, live in the graph, by
+        (module, io), and the logits. Gradients w.r.t. these are those of the values a patch
+        replaces: a module *input* becomes a copy only this module reads (a patch of it reaches
+        this module only), except ``in_place`` sites (also a residual skip), which stay the live
+        tensor so every use is in the graph; an activation that does not require grad yet (frozen
+        weights) becomes an equal leaf that does (for an in-place site: plus a zero, in place)."""
+        keys = sorted({(s.module, s.io) for s in sites}, key=lambda k: self.order[k])
+        shared = {(s.module, s.io) for s in sites if s.in_place}
+        for s in sites:
+            self.check_binding(s)
+        acts: dict[Any, torch.Tensor] = {}
+        kwargs = {"attention_mask": mask} if self.pass_mask else {}
+        try:
+            with torch.enable_grad(), self.nn.trace(ids, **kwargs):
+                for module, io in keys:
+                    env = self.envoy(module)
+                    act = env.input if io == "input" else env.output
+                    if (module, io) in shared:
+                        if not act.requires_grad:
+                            act.add_(torch.zeros_like(act, requires_grad=True))
+                    elif not act.requires_grad or io == "input":
+                        fresh = act.detach().requires_grad_(True) if not act.requires_grad else None
+                        act = fresh if fresh is not None else act.clone()
+                        replace(env, io, act, act, in_place=False)
+                    acts[(module, io)] = act
+                acts["__logits__"] = self.nn.output
+        except (ResolveError, ExecutionError):
+            raise
+        except Exception as e:
+            names = ", ".join(sorted(f"{m}.{io}" for m, io in keys))
+            raise _failed("gradient pass over", names, e) from e
+        return acts, _logits_of(acts.pop("__logits__"))
 
     def envoy(self, path: str) -> Any:
         """The nnsight envoy of the module at dotted ``path``."""
@@ -146,6 +178,15 @@ class Engine:
         for part in path.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
+
+
+def _failed(what: str, names: str, error: Exception) -> ExecutionError:
+    return ExecutionError(f"{what} [{names}] failed: {type(error).__name__}: {error}")
+
+
+def _logits_of(result: Any) -> torch.Tensor:
+    """The logits of a model output (an HF output object or a plain tensor)."""
+    return result.logits if hasattr(result, "logits") else result
 
 
 def replace(env: Any, io: str, act: torch.Tensor, new: torch.Tensor, in_place: bool) -> None:
