@@ -12,21 +12,10 @@ import subprocess
 import sys
 
 import pytest
-from tracking.studies import PATCHING, PATCHING_SMALL, SCRUB, run_small, variant
+from tracking.studies import HEADLINE, PATCHING, PATCHING_SMALL, SCRUB, run_small, variant
 
 from mi_spec.cli.main import main
 
-HEADLINE = {
-    "activation_patching": ["patch.metric.clean", "patch.metric.source", "patch.max_effect"],
-    "ablation": ["ablation.metric.clean", "ablation.max_effect"],
-    "causal_scrubbing": [
-        "scrub.loss_model",
-        "scrub.loss_random",
-        "scrub.loss_scrubbed",
-        "scrub.loss_recovered",
-        "scrub.control.random_mean",
-    ],
-}
 EXPERIMENTS = ["heads", "residual", "heads-mean-ablation"]
 
 

@@ -27,6 +27,20 @@ SCRUB_SMALL = ["experiments.0.samples=8", "experiments.0.controls.n_random=2"]
 SMALL = {PATCHING: PATCHING_SMALL, SCRUB: SCRUB_SMALL}
 
 
+# headline metrics each kind of the bundled studies logs (on the child and the parent)
+HEADLINE = {
+    "activation_patching": ["patch.metric.clean", "patch.metric.source", "patch.max_effect"],
+    "ablation": ["ablation.metric.clean", "ablation.max_effect"],
+    "causal_scrubbing": [
+        "scrub.loss_model",
+        "scrub.loss_random",
+        "scrub.loss_scrubbed",
+        "scrub.loss_recovered",
+        "scrub.control.random_mean",
+    ],
+}
+
+
 def variant(tmp: Path, name: str = "induction-patching-v2", seed: int = 7) -> Path:
     """A second version of the patching hypothesis: extends it, new name, other data seed."""
     path = tmp / f"{name}.yaml"

@@ -15,21 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from tracking.studies import PATCHING, SCRUB, run_small
+from tracking.studies import HEADLINE, PATCHING, SCRUB, run_small
 
 from mi_spec.plan.ir import Plan
-
-HEADLINES = {
-    "activation_patching": ["patch.metric.clean", "patch.metric.source", "patch.max_effect"],
-    "ablation": ["ablation.metric.clean", "ablation.max_effect"],
-    "causal_scrubbing": [
-        "scrub.loss_model",
-        "scrub.loss_random",
-        "scrub.loss_scrubbed",
-        "scrub.loss_recovered",
-        "scrub.control.random_mean",
-    ],
-}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +102,7 @@ def test_children_carry_kind_hypothesis_and_headline_names(store):
         hypothesis = name.split("@")[1]
         assert tags["mi_spec.hypothesis"] == hypothesis
         assert tags["mi_spec.file_hash"] == runs[hypothesis].data.tags["mi_spec.file_hash"]
-        assert tags["mi_spec.headline"].split(",") == HEADLINES[tags["mi_spec.kind"]]
+        assert tags["mi_spec.headline"].split(",") == HEADLINE[tags["mi_spec.kind"]]
 
 
 def test_dataset_is_logged_as_run_input(store):
@@ -143,9 +131,9 @@ def test_headline_metrics_on_child_and_parent_with_cis(store):
     _, runs, _ = store
     child = runs["causal_scrubbing@induction-scrub"].data.metrics
     parent = runs["induction-scrub"].data.metrics
-    for name in HEADLINES["causal_scrubbing"]:
+    for name in HEADLINE["causal_scrubbing"]:
         assert parent[name] == child[name]
-    for name in HEADLINES["causal_scrubbing"][:4]:
+    for name in HEADLINE["causal_scrubbing"][:4]:
         assert child[f"{name}.ci_low"] <= child[name] <= child[f"{name}.ci_high"]
         assert parent[f"{name}.ci_low"] == child[f"{name}.ci_low"]
     # loss_recovered is (L_random - L_scrubbed) / (L_random - L_model) of the logged means
