@@ -13,7 +13,7 @@ from typing import Any
 
 import networkx as nx
 
-from mi_spec.causal.values import evaluate, names
+from mi_spec.causal.values import ExpressionError, evaluate, names
 from mi_spec.errors import ResolveError
 from mi_spec.spec.refs import import_ref
 from mi_spec.spec.sections import Variable
@@ -47,7 +47,10 @@ class CausalModel:
         if var.column is not None:
             deps = [var.column]
         elif var.value is not None:
-            deps = sorted(names(var.value) - {"pos"})
+            try:
+                deps = sorted(names(var.value) - {"pos"})
+            except ExpressionError as e:  # located at variables.<name>.value by the resolver
+                raise type(e)(str(e), (name, "value")) from None
         else:
             deps = list(var.parents)
         known = inputs | set(self.variables)
@@ -85,7 +88,11 @@ class CausalModel:
             value = env[var.column]
             return value[pos] if pos is not None and isinstance(value, list) else value
         if var.value is not None:
-            return evaluate(var.value, env if pos is None else {**env, "pos": pos})
+            try:
+                return evaluate(var.value, env if pos is None else {**env, "pos": pos})
+            except ExpressionError as e:
+                where = "" if pos is None else f" at position {pos}"
+                raise type(e)(f"variable {name!r}{where}: {e}", (name, "value")) from None
         fn = self._fns[name]
         return fn(row, env) if pos is None else fn(row, env, pos)
 

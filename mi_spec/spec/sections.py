@@ -174,4 +174,9 @@ class Variable(Section):
             raise ValueError(
                 "expected exactly one of column, value, fn, found " + (", ".join(given) or "none")
             )
+        if self.parents and self.fn is None:
+            raise ValueError(
+                f"`parents` is only for `fn:` variables; a {given[0]} variable's dependencies are "
+                + ("read from its expression" if given[0] == "value" else "its column")
+            )
         return self
