@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from mi_spec.analysis.report import ExperimentReport, StudyRecord
+from mi_spec.compile.data_check import check_data
 from mi_spec.compile.planner import compile_context, compile_plan
 from mi_spec.compile.resolve import Study, load_spec, resolve
+from mi_spec.errors import SpecError
 from mi_spec.execute.cache import ResultCache
 from mi_spec.execute.site_check import check_sites
 from mi_spec.execute.worker import loaded_for
@@ -39,7 +41,11 @@ def compile_file(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Study
     """Load, validate, resolve and compile a hypothesis file (no forward passes)."""
     spec, doc = load_spec(path, overrides)
     study = resolve(spec, doc)
-    return study, compile_plan(study)
+    plan = compile_plan(study)
+    issues = check_data(study, plan)
+    if issues:
+        raise SpecError(issues)
+    return study, plan
 
 
 def validate(path: str | Path, overrides: Sequence[str] = ()) -> Plan:
@@ -88,7 +94,7 @@ def run(
     where = "cluster" if scheduler else profile.kind
     with tracking(tracker, study_record(study, plan, where)):
         check_plan_sites(study, plan)
-        cache = ResultCache(cache_dir) if cache_dir else None
+        cache = ResultCache(cache_dir, plan) if cache_dir else None
         progress = Progress(len(plan.jobs))
         results = run_plan(plan, plan.jobs, cache, progress, profile, address=scheduler)
         progress.close()

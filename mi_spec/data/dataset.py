@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mi_spec.errors import ResolveError
-from mi_spec.spec.refs import import_ref
+from mi_spec.spec.refs import call_ref, import_ref
 from mi_spec.spec.sections import DataSection
 
 
@@ -81,25 +82,74 @@ def _load(section_json: str, base_dir: str, model_dir: str | None) -> Dataset:
 def _read_rows(section: DataSection, base_dir: Path) -> list[dict[str, Any]]:
     if section.generator is not None:
         try:
-            fn = import_ref(section.generator)
+            fn = import_ref(section.generator, search=[base_dir])
         except ResolveError as e:
             raise ResolveError(str(e), ("generator",)) from None
-        try:
-            rows = fn(**section.params)
-        except TypeError as e:
-            raise ResolveError(f"data.generator {section.generator}: {e}", ("params",)) from None
+        rows = call_ref(
+            fn, section.generator, "data.generator", section.params, ("generator",), ("params",)
+        )
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ResolveError(
                 f"data.generator {section.generator} must return a list of row dicts, "
-                f"got {type(rows).__name__}"
+                f"got {type(rows).__name__}",
+                ("generator",),
             )
         return rows
     path = resolve_path(section.path or "", base_dir)
+    if path.is_dir():
+        raise ResolveError(
+            f"data.path {path} is a directory, expected a .jsonl or .csv file", ("path",)
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ResolveError(f"{path}:{line}: not UTF-8 text ({e.reason})", ("path",)) from None
+    except OSError as e:
+        raise ResolveError(f"cannot read {path}: {e.strerror or e}", ("path",)) from None
     if path.suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    with path.open(newline="") as f:
-        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return _jsonl_rows(text, path)
+    return _csv_rows(text, path)
+
+
+def _jsonl_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line; a bad line is an error naming the file and line."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ResolveError(
+                f"{path}:{number}:{e.colno}: invalid JSON ({e.msg}); each line must be one "
+                "JSON object",
+                ("path",),
+            ) from None
+        if not isinstance(row, dict):
+            raise ResolveError(
+                f"{path}:{number}: expected a JSON object (a row), found {type(row).__name__}",
+                ("path",),
+            )
+        rows.append(row)
+    return rows
+
+
+def _csv_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for row in reader:
+            if None in row:  # more cells than the header has names
+                raise ResolveError(
+                    f"{path}:{reader.line_num}: {len(row[None]) + len(reader.fieldnames or [])} "
+                    f"cells, but the header names {len(reader.fieldnames or [])} columns",
+                    ("path",),
+                )
+            rows.append({k: _parse_cell(v) for k, v in row.items()})
+        return rows
+    except csv.Error as e:
+        raise ResolveError(f"{path}:{reader.line_num}: invalid CSV ({e})", ("path",)) from None
 
 
 def resolve_path(path: str, base_dir: Path, field: str = "path") -> Path:
@@ -140,7 +190,14 @@ def _tokenize(
     if where is None:
         raise ResolveError("data.text needs data.tokenizer (a local directory) or an hf model")
     directory = resolve_path(where, base_dir, "tokenizer") if section.tokenizer else Path(where)
-    tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # a folder without tokenizer files, a corrupt one, ...
+        raise ResolveError(
+            f"cannot load a tokenizer from {directory}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            ("tokenizer",) if section.tokenizer else (),
+        ) from None
     texts = [str(r.get(section.text or "")) for r in rows]
     tokens = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -1,5 +1,10 @@
 """Job ops: the executor routines a Job can name. ``patch`` (sweeps of interventions) is built in;
-a kind needing a new op registers one here from its own ``execute/`` module (rare; review it)."""
+a kind needing a new op registers one here from its own ``execute/`` module (rare; review it).
+
+Each op has a version (``register_op(name, version=N)``, default 1) that keys the result cache
+(``execute/cache.py``): bump it in any change that alters what the op computes, so results cached by
+the old code are not reused.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from mi_spec.plan.ir import Job, JobResult, Plan
 Op = Callable[[Job, Plan, Engine, Dataset], JobResult]
 
 _OPS: dict[str, Op] = {}
+_VERSIONS: dict[str, int] = {}
 _BUILTIN = {
     "patch": "mi_spec.execute.run_job",
     "scrub": "mi_spec.execute.scrub_op",
@@ -22,11 +28,11 @@ _BUILTIN = {
 }
 
 
-def register_op(name: str) -> Callable[[Op], Op]:
+def register_op(name: str, version: int = 1) -> Callable[[Op], Op]:
     def deco(fn: Op) -> Op:
         if name in _OPS and _OPS[name] is not fn:
             raise ValueError(f"job op {name!r} registered twice")
-        _OPS[name] = fn
+        _OPS[name], _VERSIONS[name] = fn, version
         return fn
 
     return deco
@@ -38,3 +44,9 @@ def op_for(name: str) -> Op:
     if name not in _OPS:
         raise KeyError(f"unknown job op {name!r}; known: {', '.join(sorted(_OPS | _BUILTIN))}")
     return _OPS[name]
+
+
+def op_version(name: str) -> int:
+    """The registered version of op ``name`` (importing its module if needed)."""
+    op_for(name)
+    return _VERSIONS[name]

@@ -17,7 +17,7 @@ from mi_spec.data.dataset import resolve_path
 from mi_spec.errors import ResolveError
 from mi_spec.sites.adapter import Adapter
 from mi_spec.sites.declarative import pick_adapter
-from mi_spec.spec.refs import import_ref
+from mi_spec.spec.refs import call_ref, import_ref
 from mi_spec.spec.sections import ModelSection
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,6 +30,7 @@ class LoadedModel:
     weights_hash: str
     device: torch.device
     hf_dir: str | None = None  # local directory, for its tokenizer
+    n_ctx: int | None = None  # longest input the model accepts (absolute position embeddings)
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,7 +43,7 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
     """Build the module, load the checkpoint, move to device/dtype, pick the adapter."""
     hf_dir = None
     if section.factory is not None:
-        module = _from_factory(section)
+        module = _from_factory(section, base_dir)
     elif section.hf is not None:
         hf_dir = str(resolve_path(section.hf, base_dir, "hf"))
         module = _from_hf_dir(hf_dir)
@@ -60,19 +61,30 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
     for p in module.parameters():
         p.requires_grad_(False)
     adapter = pick_adapter(module, section.adapter, base_dir)  # on workers too
-    return LoadedModel(module, adapter, weights_hash(module), device, hf_dir)
+    return LoadedModel(
+        module, adapter, weights_hash(module), device, hf_dir, context_length(module)
+    )
 
 
-def _from_factory(section: ModelSection) -> Any:
+def context_length(module: torch.nn.Module) -> int | None:
+    """The hard input-length limit of a model with learned absolute position embeddings
+    (``n_ctx`` / ``n_positions`` in its config), or None. Rotary models have no hard limit."""
+    config = getattr(module, "config", None) or getattr(module, "cfg", None)
+    for name in ("n_ctx", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _from_factory(section: ModelSection, base_dir: Path) -> Any:
+    ref = section.factory or ""
     try:
-        fn = import_ref(section.factory or "")
+        fn = import_ref(ref, search=[base_dir])
     except ResolveError as e:
         raise ResolveError(str(e), ("factory",)) from None
     torch.manual_seed(section.seed)
-    try:
-        return fn(**section.kwargs)
-    except TypeError as e:
-        raise ResolveError(f"model.factory {section.factory}: {e}", ("kwargs",)) from None
+    return call_ref(fn, ref, "model.factory", section.kwargs, ("factory",), ("kwargs",))
 
 
 def _from_hf_dir(directory: str) -> torch.nn.Module:
@@ -80,8 +92,11 @@ def _from_hf_dir(directory: str) -> torch.nn.Module:
 
     try:
         return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ResolveError(f"model.hf: cannot load a model from {directory}: {e}") from None
+    except Exception as e:  # transformers raises many kinds for a broken folder
+        raise ResolveError(
+            f"model.hf: cannot load a model from {directory}: {type(e).__name__}: {_first_line(e)}",
+            ("hf",),
+        ) from None
 
 
 def _from_hf_config(config: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -94,17 +109,53 @@ def _from_hf_config(config: dict[str, Any], seed: int) -> torch.nn.Module:
     except (ValueError, KeyError) as e:
         raise ResolveError(f"model.hf_config: {e}", ("hf_config",)) from None
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
+    try:
+        return AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:
+        raise ResolveError(
+            f"model.hf_config: cannot build a {model_type} model: {type(e).__name__}: "
+            f"{_first_line(e)}",
+            ("hf_config",),
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _load_checkpoint(module: torch.nn.Module, path: Path) -> None:
+    """A state_dict from a ``.pt`` file (optionally under a "state_dict" key) or ``.safetensors``."""
+    if path.is_dir():
+        raise ResolveError(
+            f"model.checkpoint {path} is a directory; expected a state_dict file "
+            "(.pt or .safetensors); a Hugging Face folder goes in model.hf",
+            ("checkpoint",),
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which
         raise ResolveError(
-            f"model.checkpoint {path}: cannot read it ({e})", ("checkpoint",)
+            f"model.checkpoint {path}: cannot read it ({type(e).__name__}: {_first_line(e)})",
+            ("checkpoint",),
         ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        found = type(state).__name__
+        if isinstance(state, dict):
+            found = "a mapping whose values are not all tensors"
+        raise ResolveError(
+            f"model.checkpoint {path} holds {found}, expected a state_dict (a mapping of "
+            "parameter names to tensors, e.g. torch.save(model.state_dict(), path))",
+            ("checkpoint",),
+        )
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
