@@ -98,12 +98,13 @@ def _token_checks(study: Study, plan: Plan) -> Iterator[tuple[tuple, _Rows]]:
 
 
 def _token_rows(study: Study, rows: Iterable[Iterable[int]], what: str) -> _Rows:
-    vocab, n_ctx = study.dims.d_vocab, study.model.n_ctx
-    found = _Rows(f"{what} must lie in 0..{vocab - 1} (the model's vocabulary)")
+    """Ids below the input embedding's size (when the model has one); lengths within context."""
+    vocab, n_ctx = study.model.n_input_ids, study.model.n_ctx
+    found = _Rows(f"{what} must lie in 0..{(vocab or 0) - 1} (the model's vocabulary)")
     too_long = _Rows(f"rows longer than the model's context of {n_ctx} tokens")
     for r, tokens in enumerate(rows):
         tokens = list(tokens)
-        bad = [(p, t) for p, t in enumerate(tokens) if not 0 <= t < vocab]
+        bad = [(p, t) for p, t in enumerate(tokens) if vocab and not 0 <= t < vocab]
         if bad:
             p, t = bad[0]
             found.add(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from mi_spec.causal.values import ExpressionError
 from mi_spec.errors import MiSpecError, SpecError
 from mi_spec.experiments.base import CompileContext, kinds
 from mi_spec.plan.ir import DataRef, ExperimentEntry, ModelRef, Plan, seal_job
@@ -39,6 +40,8 @@ def compile_plan(study: Study) -> Plan:
     for i, exp in enumerate(study.spec.experiments):
         try:
             jobs += table[exp.kind].compile(exp, ctx)
+        except ExpressionError as e:  # a variable that fails on a row: located at the variable
+            issues.append(issue_at(study.doc, ("variables", *e.field), str(e)))
         except (MiSpecError, SiteSyntaxError, ValueError) as e:
             issues.append(issue_at(study.doc, ("experiments", i), str(e)))
         entries.append(

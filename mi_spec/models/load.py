@@ -31,6 +31,7 @@ class LoadedModel:
     device: torch.device
     hf_dir: str | None = None  # local directory, for its tokenizer
     n_ctx: int | None = None  # longest input the model accepts (absolute position embeddings)
+    n_input_ids: int | None = None  # rows of its input embedding: token ids must be below this
 
 
 def pick_device(name: str) -> torch.device:
@@ -62,7 +63,13 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
         p.requires_grad_(False)
     adapter = pick_adapter(module, section.adapter, base_dir)  # on workers too
     return LoadedModel(
-        module, adapter, weights_hash(module), device, hf_dir, context_length(module)
+        module,
+        adapter,
+        weights_hash(module),
+        device,
+        hf_dir,
+        context_length(module),
+        input_ids_limit(module, adapter),
     )
 
 
@@ -75,6 +82,21 @@ def context_length(module: torch.nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def input_ids_limit(module: torch.nn.Module, adapter: Adapter) -> int | None:
+    """The number of rows of the model's input embedding (``get_input_embeddings``, else the
+    adapter's ``embed`` site when it is an ``nn.Embedding``), or None when it has none."""
+    embedding = None
+    if hasattr(module, "get_input_embeddings"):
+        try:
+            embedding = module.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            embedding = None
+    hook = adapter.table.get("embed")
+    if embedding is None and hook is not None and hook.io == "output":
+        embedding = dict(module.named_modules()).get(hook.module)
+    return embedding.num_embeddings if isinstance(embedding, torch.nn.Embedding) else None
 
 
 def _from_factory(section: ModelSection, base_dir: Path) -> Any:
