@@ -69,7 +69,7 @@ def _load(section_json: str, base_dir: str, model_dir: str | None) -> Dataset:
     if section.limit is not None:
         rows = rows[: section.limit]
     if not rows:
-        raise ResolveError("data: the dataset has no rows")
+        raise ResolveError("the dataset has no rows")
     if section.text is not None:
         tokens, pad_id = _tokenize(rows, section, Path(base_dir), model_dir)
     else:

@@ -35,9 +35,31 @@ class LoadedModel:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), or a device name checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ResolveError(
+            f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps", ("device",)
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ResolveError(
+                f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"{torch.cuda.device_count()} GPUs visible); use device: auto or cpu",
+                ("device",),
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ResolveError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} GPUs "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})",
+                ("device",),
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ResolveError(f"device {name!r}: MPS is not available here", ("device",))
+    return device
 
 
 def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
@@ -62,6 +84,15 @@ def load_model(section: ModelSection, base_dir: Path) -> LoadedModel:
     for p in module.parameters():
         p.requires_grad_(False)
     adapter = pick_adapter(module, section.adapter, base_dir)  # on workers too
+    try:
+        adapter.dims(module)
+    except Exception as e:  # a built-in adapter forced onto a model of another family
+        raise ResolveError(
+            f"the {adapter.name} adapter does not fit this {type(module).__name__} "
+            f"({type(e).__name__}: {_first_line(e)}); leave model.adapter out to pick the "
+            "adapter from the model's class, or describe the model with a YAML adapter",
+            ("adapter",),
+        ) from None
     return LoadedModel(
         module,
         adapter,
