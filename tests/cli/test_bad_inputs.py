@@ -214,3 +214,21 @@ def test_no_traceback_from_a_real_process(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"{path}:3:"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.device=banana", "unknown device 'banana'"),
+        ("model.adapter=gpt2", "the gpt2 adapter does not fit this AttnOnlyTransformer"),
+    ],
+)
+def test_model_section_mistakes_are_located(tmp_path, capsys, override, needle):
+    code, err = validate(study(tmp_path), capsys, override)
+    assert code == 2 and needle in err and err.startswith(f"--set {override}:"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    code, err = validate(study(tmp_path), capsys, "model.device=cuda")
+    assert code == 2 and "CUDA is not available here" in err, err
