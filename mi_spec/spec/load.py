@@ -16,6 +16,15 @@ Composition, top to bottom:
 2. `--set a.b.0.c=value` overrides are applied in order. The path is dotted; integer segments
    index into lists (an index equal to the list's length appends); missing intermediate keys
    create mappings. The value is parsed as a YAML flow value (`3`, `true`, `[0, 1]`, `foo`).
+3. Relative paths: a file or folder named in a hypothesis (the fields of `PATH_FIELDS`) is
+   relative to the folder of the file that declares it. Code downstream resolves every relative
+   path against the main file's folder (`doc.path.parent`), so a relative path whose winning
+   value was written in an `extends` base in another folder is rewritten here to name the same
+   file relative to the main file's folder (or absolute, when no relative path exists, e.g. on
+   another drive). Absolute paths, values written in the main file (or in a base in the same
+   folder) and `--set` values are left as they are: a `--set` path is relative to the main file's
+   folder like everything else, not to the working directory. Marks and provenance still say
+   where the value was written.
 
 Every value in the result keeps a `Mark` (file, line, col; both 1-based) for the place where the
 winning value was written. Values set by `--set` carry the mark `("<--set>", 0, i)`, `i` being the
@@ -24,6 +33,7 @@ winning value was written. Values set by `--set` carry the mark `("<--set>", 0, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +49,19 @@ from mi_spec.spec.yaml_tree import (
     Mark,
     compose,
     compose_node,
+    decode,
     issue,
     plain,
     wrap,
 )
 
 __all__ = [
+    "PATH_FIELDS",
     "SET_FILE",
     "FieldPath",
     "LoadedDoc",
     "Mark",
+    "PathField",
     "deep_merge",
     "dump_yaml",
     "load_yaml",
@@ -57,6 +70,43 @@ __all__ = [
 
 SET_FILE = "<--set>"  # the file of a mark for a value set by an override
 SET_SOURCE = "--set"  # the provenance of a value set by an override
+
+
+def _any_path(value: str) -> bool:
+    return True
+
+
+def _is_yaml_file(value: str) -> bool:
+    """`model.adapter`: a declarative adapter file, not a built-in adapter's name ("gpt2")."""
+    return value.endswith((".yaml", ".yml"))
+
+
+def _is_rotation_file(value: str) -> bool:
+    """A DAS `init`: a saved rotation file, not one of the keywords."""
+    return value not in ("random", "identity")
+
+
+@dataclass(frozen=True)
+class PathField:
+    """A field whose string value names a file or folder relative to the file that declares it."""
+
+    path: tuple[str, ...]  # "*" matches every item of a list
+    is_path: Callable[[str], bool] = _any_path  # which values are paths (others are names)
+
+
+# Every field of a hypothesis that names a file or folder, i.e. every value read with
+# `mi_spec.data.dataset.resolve_path` or otherwise joined to the hypothesis' folder downstream
+# (models/load.py, data/dataset.py, sites/declarative.py, execute/das_op.py). `load_yaml` rewrites
+# the relative ones that come from an `extends` base in another folder (rule 3 above); a new path
+# field must be added here.
+PATH_FIELDS: tuple[PathField, ...] = (
+    PathField(("model", "checkpoint")),  # a state_dict .pt file
+    PathField(("model", "hf")),  # a local Hugging Face model folder
+    PathField(("model", "adapter"), _is_yaml_file),  # a declarative adapter .yaml file
+    PathField(("data", "path")),  # a .jsonl / .csv file
+    PathField(("data", "tokenizer")),  # a local tokenizer folder
+    PathField(("experiments", "*", "init"), _is_rotation_file),  # DAS: a saved rotation file
+)
 
 
 @dataclass
@@ -77,13 +127,23 @@ class LoadedDoc:
 # --- public API ------------------------------------------------------------------------------
 
 
-def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> LoadedDoc:
-    """Load `path`, resolve its `extends` chain and apply `overrides` ("a.b.0=value")."""
+def load_yaml(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    path_fields: Sequence[PathField] = PATH_FIELDS,
+) -> LoadedDoc:
+    """Load `path`, resolve its `extends` chain and apply `overrides` ("a.b.0=value").
+
+    Relative paths in `path_fields` that come from a base in another folder are rewritten to be
+    relative to the main file's folder (see the module's docstring, rule 3).
+    """
     main = Path(path)
     loader = _Loader()
-    root = loader.load(main, (), None)
+    root = loader.load(main, (), None, ())
     for index, override in enumerate(overrides):
         _apply_override(root, override, index)
+    for path_field in path_fields:
+        _rebase_paths(root, path_field.path, path_field, main)
     found = _Index()
     data = _collect(root, (), found)
     return LoadedDoc(
@@ -119,16 +179,27 @@ def set_path(data: Any, path: Sequence[str | int], value: Any) -> None:
 # --- extends ---------------------------------------------------------------------------------
 
 
-def _read(path: Path, origin: Mark | None) -> str:
-    """The file's text; a missing file is located at `origin` (the `extends` value) if given."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+def _read(path: Path, origin: Mark | None, named_at: FieldPath) -> str:
+    """The file's text. A problem with the main file names the file; one with an extended file is
+    located at `origin` (its name in the `extends` list, at field `named_at`)."""
+
+    def fail(message: str) -> SpecError:
+        """`message`, " {file}" naming the extended file (a main file is named by the location)."""
         if origin is None:
-            raise SpecError([SpecIssue("file not found", file=str(path))]) from None
-        raise SpecError([issue(f"extended file not found: {str(path)!r}", origin)]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError([issue(f"cannot read {str(path)!r}: {err}", origin)]) from None
+            return SpecError([SpecIssue(message.replace(" {file}", ""), file=str(path))])
+        return SpecError([issue(message.replace("{file}", repr(str(path))), origin, named_at)])
+
+    if path.is_dir():
+        raise fail("expected a YAML file, found the directory {file}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise fail(
+            "file not found" if origin is None else "extended file not found: {file}"
+        ) from None
+    except OSError as err:
+        raise fail(f"cannot read the file {{file}}: {err.strerror or err}") from None
+    return decode(data, str(path))
 
 
 class _Loader:
@@ -138,35 +209,94 @@ class _Loader:
         self.files: list[Path] = []
         self.main_text = ""
 
-    def load(self, path: Path, stack: tuple[Path, ...], origin: Mark | None) -> Entry:
+    def load(
+        self, path: Path, stack: tuple[Path, ...], origin: Mark | None, named_at: FieldPath
+    ) -> Entry:
         resolved = [p.resolve() for p in stack]
         if path.resolve() in resolved:
             cycle = [*stack[resolved.index(path.resolve()) :], path]
             message = "extends cycle: " + " -> ".join(map(str, cycle))
-            raise SpecError([issue(message, origin)])
-        text = _read(path, origin)
+            raise SpecError([issue(message, origin, named_at)])
+        text = _read(path, origin, named_at)
         if not stack:
             self.main_text = text
         root = compose(text, str(path))
         merged: Entry | None = None
-        for base, mark in _bases(root, path):
-            tree = self.load(base, (*stack, path), mark)
+        for base, mark, base_named_at in _bases(root, path):
+            tree = self.load(base, (*stack, path), mark, base_named_at)
             merged = tree if merged is None else _merge(merged, tree)
         if path not in self.files:
             self.files.append(path)
         return root if merged is None else _merge(merged, root)
 
 
-def _bases(root: Entry, path: Path) -> list[tuple[Path, Mark]]:
-    """Pop the top-level `extends` entry; the files it names, with where each was written."""
+def _bases(root: Entry, path: Path) -> list[tuple[Path, Mark, FieldPath]]:
+    """Pop the top-level `extends` entry; the files it names, each with where it was written."""
     entry = root.value.pop("extends", None)
     if entry is None:
         return []
-    items = [entry] if isinstance(entry.value, str) else entry.value
-    if not isinstance(items, list) or not all(isinstance(i.value, str) for i in items):
-        message = "'extends' must be a file name or a list of file names"
-        raise SpecError([issue(message, entry.value_mark, ("extends",))])
-    return [(path.parent / item.value, item.value_mark) for item in items]
+    items: list[tuple[Entry, FieldPath]] = [(entry, ("extends",))]
+    if isinstance(entry.value, list):
+        items = [(item, ("extends", i)) for i, item in enumerate(entry.value)]
+    for item, named_at in items:
+        if not isinstance(item.value, str) or not item.value.strip():
+            found = _describe(plain(item))
+            message = f"expected a file name or a list of file names, found {found}"
+            raise SpecError([issue(message, item.value_mark, named_at)])
+    return [(path.parent / item.value, item.value_mark, named_at) for item, named_at in items]
+
+
+def _describe(value: Any) -> str:
+    """A short description of a plain value, for 'found ...'."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "null" if value is None else repr(value)
+
+
+# --- relative paths from other folders -----------------------------------------------------------
+
+
+def _rebase_paths(
+    entry: Entry, pattern: tuple[str, ...], path_field: PathField, main: Path
+) -> None:
+    """Rewrite the relative paths matching `pattern` below `entry` written in other folders."""
+    container = entry.value
+    head, rest = pattern[0], pattern[1:]
+    if isinstance(container, dict):
+        keys: Sequence[str | int] = [head] if head in container else []
+    elif isinstance(container, list) and head == "*":
+        keys = range(len(container))
+    else:
+        return
+    for key in keys:
+        child = container[key]
+        if rest:
+            _rebase_paths(child, rest, path_field, main)
+        else:
+            container[key] = _rebased(child, path_field, main)
+
+
+def _rebased(entry: Entry, path_field: PathField, main: Path) -> Entry:
+    """`entry` with its path relative to the main file's folder instead of its own file's."""
+    value, file = entry.value, entry.value_mark[0]
+    if (
+        not isinstance(value, str)
+        or not value
+        or file in (SET_FILE, str(main))
+        or not path_field.is_path(value)
+        or Path(value).is_absolute()
+    ):
+        return entry
+    own_dir, main_dir = Path(file).parent.resolve(), main.parent.resolve()
+    if own_dir == main_dir:
+        return entry
+    try:
+        rebased = str(Path(os.path.relpath(own_dir, main_dir), value))
+    except ValueError:  # no relative path between them (Windows: another drive)
+        rebased = str(own_dir / value)
+    return Entry(rebased, entry.mark, entry.value_mark)
 
 
 def _merge(base: Entry, child: Entry) -> Entry:
@@ -182,36 +312,44 @@ def _merge(base: Entry, child: Entry) -> Entry:
 # --- overrides -------------------------------------------------------------------------------
 
 
-def _override_error(override: str, reason: str) -> SpecError:
-    return SpecError([SpecIssue(f"invalid override --set {override!r}: {reason}")])
+def _override_error(override: str, reason: str, path: str = "") -> SpecError:
+    """An issue located like the others set by `--set`: at `--set PATH=VALUE`."""
+    return SpecError(
+        [SpecIssue(f"invalid override: {reason}", path=path, file=f"--set {override}")]
+    )
 
 
-def _parse_value(raw: str, override: str) -> Any:
+def _parse_value(raw: str, override: str, path: str) -> Any:
     """The override's value, parsed as a safe YAML flow value."""
     try:
-        node = compose_node(raw, SET_FILE)
+        node = compose_node(raw, SET_FILE, text_name="value")
     except SpecError as err:
-        raise _override_error(override, err.issues[0].message) from None
+        message = err.issues[0].message.replace("invalid YAML:", "invalid YAML value:", 1)
+        raise _override_error(override, message, path) from None
     if node is None:
         return None
     converter = Converter(SET_FILE)
     entry = converter.convert(node, (), (SET_FILE, 0, 0))
     if converter.issues:
-        raise _override_error(override, converter.issues[0].message)
+        raise _override_error(override, converter.issues[0].message, path)
     return plain(entry)
 
 
 def _apply_override(root: Entry, override: str, index: int) -> None:
     name, sep, raw = override.partition("=")
-    segments = name.strip().split(".")
-    if not sep or not all(segments):
-        raise _override_error(override, "expected 'dotted.path=value'")
+    name = name.strip()
+    segments = name.split(".")
+    if not sep:
+        raise _override_error(override, "expected 'dotted.path=value', found no '='")
+    if not all(segments):
+        found = "an empty path" if not name else f"an empty segment in {name!r}"
+        raise _override_error(override, f"expected 'dotted.path=value', found {found}")
     mark: Mark = (SET_FILE, 0, index)
-    value = wrap(_parse_value(raw, override), mark)
+    value = wrap(_parse_value(raw, override, name), mark)
     try:
         _set_in(root.value, segments, value, lambda: Entry({}, mark, mark), lambda e: e.value)
     except ValueError as err:
-        raise _override_error(override, str(err)) from None
+        raise _override_error(override, str(err), name) from None
 
 
 def _dict_key(container: dict[Any, Any], segment: str | int) -> str | int:
@@ -227,10 +365,10 @@ def _list_index(segment: str | int, length: int, where: str) -> int:
     if isinstance(segment, str) and segment.isascii() and segment.isdigit():
         segment = int(segment)
     if not isinstance(segment, int) or isinstance(segment, bool):
-        raise ValueError(f"{where} is a list: expected an integer index, got {segment!r}")
+        raise ValueError(f"{where} is a list: expected an integer index, found {segment!r}")
     if not 0 <= segment <= length:
         raise ValueError(
-            f"index {segment} is out of range for {where} "
+            f"index {segment} is out of range for {where}: expected 0 to {length} "
             f"(a list of {length} items; index {length} appends)"
         )
     return segment
@@ -270,8 +408,9 @@ def _set_in(
                 return
             container = inner(container[index])
         else:
-            kind = "null" if container is None else type(container).__name__
-            raise ValueError(f"{where} is {kind}, not a mapping or a list")
+            shown = repr(container) if len(repr(container)) <= 40 else repr(container)[:37] + "..."
+            kind = "null" if container is None else f"{type(container).__name__} {shown}"
+            raise ValueError(f"expected {where} to be a mapping or a list, found {kind}")
 
 
 # --- flattening ------------------------------------------------------------------------------

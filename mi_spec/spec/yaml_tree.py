@@ -6,11 +6,13 @@ constructed. Only plain-data tags are accepted; anything else is an issue at fil
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 import yaml.constructor
+import yaml.reader
 
 from mi_spec.errors import SpecError, SpecIssue
 
@@ -45,14 +47,135 @@ def issue(message: str, mark: Mark | None, path: FieldPath = ()) -> SpecIssue:
     return SpecIssue(message, path=dotted, file=mark[0], line=mark[1], col=mark[2])
 
 
-def yaml_issue(err: yaml.YAMLError, file: str) -> SpecIssue:
-    """A SpecIssue for a YAML reader/scanner/parser/composer error."""
-    if not isinstance(err, yaml.MarkedYAMLError):
+def text_mark(text: str, index: int, file: str) -> Mark:
+    """The mark of character `index` of `text` (line and column 1-based, in characters)."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return (file, text.count("\n", 0, index) + 1, index - line_start + 1)
+
+
+def decode(data: bytes, file: str) -> str:
+    """A file's bytes as text; anything but UTF-8 is an issue at the first bad byte's line:col."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            message = (
+                "the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8"
+            )
+            raise SpecError([SpecIssue(message, file=file, line=1, col=1)]) from None
+        start = err.start
+        line_start = data.rfind(b"\n", 0, start) + 1
+        line = data.count(b"\n", 0, start) + 1
+        col = len(data[line_start:start].decode("utf-8", errors="replace")) + 1
+        message = f"invalid UTF-8 byte 0x{data[start]:02x}; save the file as UTF-8"
+        raise SpecError([SpecIssue(message, file=file, line=line, col=col)]) from None
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, col {mark.column + 1}"
+
+
+# PyYAML's token names, as a user would say them.
+_TOKENS = {
+    "'<stream end>'": "the end of the file",
+    "<stream end>": "the end of the file",
+    "'<scalar>'": "a value",
+    "'<block mapping start>'": "a more indented key",
+    "'<block sequence start>'": "a more indented list",
+    "'<block end>'": "a less indented line",
+}
+_CLOSERS = {"[": "]", "{": "}", '"': '"', "'": "'"}
+_BLOCK_END = "expected <block end>, but found "
+_RAN_OUT = ("found unexpected end of stream", "found unexpected document separator")
+# A line inside a quoted string that looks like a YAML key: the quote probably never closed.
+_KEY_LINE = re.compile(r"\n[ \t]*(?:- +)?[A-Za-z_][\w.-]*:(?:[ \t]|$)")
+
+
+def _words(problem: str, text_name: str) -> str:
+    for token, words in _TOKENS.items():
+        problem = problem.replace(token, words.replace("file", text_name))
+    return problem
+
+
+def _runaway_quote(text: str, before: int) -> yaml.Mark | None:
+    """The start of a quoted string ending before `before` that swallowed lines looking like keys."""
+    found = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.start_mark.index >= before:
+                break
+            if (
+                isinstance(token, yaml.ScalarToken)
+                and token.style in ("'", '"')
+                and _KEY_LINE.search(text, token.start_mark.index, token.end_mark.index)
+            ):
+                found = token.start_mark
+    except yaml.YAMLError:
+        pass
+    return found
+
+
+def yaml_issue(
+    err: yaml.YAMLError, file: str, text: str = "", text_name: str = "file"
+) -> SpecIssue:
+    """A SpecIssue for a YAML reader/scanner/parser/composer error in `text`.
+
+    A quote, `[` or `{` that never closes is located where it opens, with where the scan ended.
+    `text_name` names the text in messages ("file", or "value" for a `--set` value).
+    """
+    if isinstance(err, yaml.reader.ReaderError) and isinstance(err.character, int):
+        message = (
+            f"invalid YAML: found the control character {chr(err.character)!r} "
+            f"(U+{err.character:04X}), which YAML does not allow; remove it"
+        )
+        return issue(message, text_mark(text, min(err.position, len(text)), file))
+    where = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if not isinstance(err, yaml.MarkedYAMLError) or where is None:
         return SpecIssue(f"invalid YAML: {err}", file=file)
-    problem = err.problem or err.context or str(err)
-    extra = f" ({err.context})" if err.problem and err.context else ""
-    where = err.problem_mark or err.context_mark
-    return issue(f"invalid YAML: {problem}{extra}", None if where is None else mark_of(where, file))
+    problem, context, start = err.problem or "", err.context or "", err.context_mark
+    in_file = text_name == "file"
+    ended_at = f" at {_at(where)}" if in_file else ""
+    opener = text[start.index] if start is not None and start.index < len(text) else ""
+    ran_out = problem in _RAN_OUT or "<stream end>" in problem
+    if start is not None and opener in _CLOSERS and ran_out:
+        what = "quoted string" if opener in "'\"" else repr(opener)
+        end = f"the end of the {text_name}"
+        if "separator" in problem:
+            end = f"a document separator {text[where.index : where.index + 3]!r}"
+        message = (
+            f"expected a closing {_CLOSERS[opener]!r} for the {what} that starts here, "
+            f"found {end}{ended_at}"
+        )
+        return issue(f"invalid YAML: {message}", mark_of(start, file))
+    if problem.startswith("found character '\\t'"):
+        message = "found a tab character; indent with spaces, not tabs"
+        return issue(f"invalid YAML: {message}", mark_of(where, file))
+    message = _words(problem, text_name) or context
+    if problem.startswith(_BLOCK_END) and start is not None:
+        found = _words(problem.removeprefix(_BLOCK_END), text_name)
+        block = "mapping" if "mapping" in context else "list"
+        message = (
+            f"bad indentation: expected the indentation of the {block} that starts at "
+            f"{_at(start)} (or less), found {found}"
+        )
+    elif problem and context:
+        since = ""
+        if in_file and start is not None and start.index != where.index:
+            since = f" started at {_at(start)}"
+        message += f" ({context}{since})"
+    if problem.startswith("found unknown escape character"):
+        message += "; in double quotes a backslash starts an escape: use single quotes"
+    elif problem == "mapping values are not allowed here":
+        message += "; quote a value that contains ': ', or check the indentation"
+    runaway = _runaway_quote(text, where.index) if in_file else None
+    if runaway is not None:
+        message = (
+            f"expected a closing {text[runaway.index]!r} for the quoted string that starts here, "
+            f"found lines that look like keys inside it; the file stops parsing at {_at(where)}: "
+            f"{message}"
+        )
+        return issue(f"invalid YAML: {message}", mark_of(runaway, file))
+    return issue(f"invalid YAML: {message}", mark_of(where, file))
 
 
 def short_tag(tag: str) -> str:
@@ -161,11 +284,12 @@ class Converter:
         ]
 
 
-def compose_node(text: str, file: str) -> yaml.Node | None:
+def compose_node(text: str, file: str, text_name: str = "file") -> yaml.Node | None:
+    """The composed node tree of `text` (None if empty); a YAML error is a located SpecError."""
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
-        raise SpecError([yaml_issue(err, file)]) from None
+        raise SpecError([yaml_issue(err, file, text, text_name)]) from None
 
 
 def compose(text: str, file: str) -> Entry:

@@ -207,7 +207,8 @@ def test_syntax_error_position() -> None:
     issue = only_issue(err)
     assert (issue.file, issue.line, issue.col) == (str(path), 5, 12)
     assert issue.message == (
-        "invalid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence)"
+        "invalid YAML: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence started at line 4, col 12)"
     )
 
 
@@ -216,7 +217,7 @@ def test_syntax_error_in_block_mapping(tmp_path: Path) -> None:
         load_yaml(write(tmp_path, "h.yaml", "a: 1\nb: c: d\n"))
     issue = only_issue(err)
     assert (issue.line, issue.col) == (2, 5)
-    assert issue.message == "invalid YAML: mapping values are not allowed here"
+    assert issue.message.startswith("invalid YAML: mapping values are not allowed here")
 
 
 def test_not_a_mapping_fixture() -> None:
@@ -228,6 +229,148 @@ def test_several_documents_are_an_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="expected a single document") as err:
         load_yaml(write(tmp_path, "h.yaml", "a: 1\n---\nb: 2\n"))
     assert only_issue(err).line == 2
+
+
+# --- unreadable text, located -------------------------------------------------------------------
+
+
+def test_bad_utf8_is_located_at_the_first_bad_byte() -> None:
+    path = BAD / "bad_utf8.yaml"
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    # line 1 (a comment) holds the first non-UTF-8 byte, after 24 characters
+    assert str(only_issue(err)) == f"{path}:1:25: invalid UTF-8 byte 0xe9; save the file as UTF-8"
+
+
+def test_bad_utf8_column_counts_characters(tmp_path: Path) -> None:
+    path = tmp_path / "h.yaml"
+    path.write_bytes("a: 1\nb: «é» ".encode() + b"\xff\n")
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    assert (only_issue(err).line, only_issue(err).col) == (2, 8)
+
+
+def test_utf16_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "h.yaml"
+    path.write_text("name: demo\n", encoding="utf-16")
+    with pytest.raises(SpecError, match="the file is UTF-16") as err:
+        load_yaml(path)
+    assert (only_issue(err).line, only_issue(err).col) == (1, 1)
+
+
+def test_bad_utf8_in_an_extended_file_names_that_file(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_bytes(b"a: 1\nb: \xc3(\n")
+    with pytest.raises(SpecError) as err:
+        load_yaml(write(tmp_path, "main.yaml", "extends: base.yaml\n"))
+    assert str(only_issue(err)) == f"{base}:2:4: invalid UTF-8 byte 0xc3; save the file as UTF-8"
+
+
+def test_nul_byte_is_located() -> None:
+    path = BAD / "nul_byte.yaml"
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    assert str(only_issue(err)) == (
+        f"{path}:2:18: invalid YAML: found the control character '\\x00' (U+0000), "
+        "which YAML does not allow; remove it"
+    )
+
+
+@pytest.mark.parametrize("char", ["\x07", "\x1b", "\x7f", "\ufffe"])
+def test_other_refused_characters_are_located(tmp_path: Path, char: str) -> None:
+    with pytest.raises(SpecError, match="control character") as err:
+        load_yaml(write(tmp_path, "h.yaml", f"a: 1\nb: [x, 'y{char}']\n"))
+    assert (only_issue(err).line, only_issue(err).col) == (2, 10)
+
+
+def test_unclosed_quote_is_located_where_it_opens() -> None:
+    path = BAD / "unclosed_quote.yaml"
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    assert str(only_issue(err)) == (
+        f"{path}:2:14: invalid YAML: expected a closing '\"' for the quoted string that starts "
+        "here, found the end of the file at line 5, col 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "end"),
+    [
+        ("a: 1\nb: 'it''s\nc: 2\n", (2, 4), "the end of the file at line 4, col 1"),
+        ('a: "x\n---\nb: 1\n', (1, 4), "a document separator '---' at line 2, col 1"),
+        ("a: 1\nb: [1, 2\n", (2, 4), "the end of the file at line 3, col 1"),
+        ("a: 1\nb: {c: 2\n", (2, 4), "the end of the file at line 3, col 1"),
+    ],
+)
+def test_unclosed_openers(tmp_path: Path, text: str, where: tuple[int, int], end: str) -> None:
+    with pytest.raises(SpecError) as err:
+        load_yaml(write(tmp_path, "h.yaml", text))
+    issue = only_issue(err)
+    assert (issue.line, issue.col) == where
+    assert issue.message.startswith("invalid YAML: expected a closing ")
+    assert issue.message.endswith(f"that starts here, found {end}")
+
+
+def test_runaway_quote_is_located_where_it_opens() -> None:
+    """A quote closed by the next one: the parse fails later, but the culprit is the opener."""
+    path = BAD / "runaway_quote.yaml"
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    issue = only_issue(err)
+    assert (issue.line, issue.col) == (3, 14)
+    assert issue.message.startswith(
+        "invalid YAML: expected a closing '\"' for the quoted string that starts here, found "
+        "lines that look like keys inside it; the file stops parsing at line 5, col 13: "
+    )
+
+
+def test_multi_line_quoted_prose_is_not_blamed(tmp_path: Path) -> None:
+    text = 'a: "two lines\n  of prose"\nb: c: d\n'
+    with pytest.raises(SpecError) as err:
+        load_yaml(write(tmp_path, "h.yaml", text))
+    assert (only_issue(err).line, only_issue(err).col) == (3, 5)
+
+
+def test_tab_indentation() -> None:
+    path = BAD / "tab_indent.yaml"
+    with pytest.raises(SpecError) as err:
+        load_yaml(path)
+    assert str(only_issue(err)) == (
+        f"{path}:3:1: invalid YAML: found a tab character; indent with spaces, not tabs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        (
+            "name: demo\nmodel:\n  factory: a:b\n seed: 1\n",
+            (4, 2),
+            "bad indentation: expected the indentation of the mapping that starts at line 1, "
+            "col 1 (or less), found a more indented key",
+        ),
+        (
+            'data:\n  path: "C:\\data.jsonl"\n',
+            (2, 13),
+            "found unknown escape character 'd' (while scanning a double-quoted scalar started "
+            "at line 2, col 9); in double quotes a backslash starts an escape: use single quotes",
+        ),
+        (
+            "description: Note: this\n",
+            (1, 18),
+            "mapping values are not allowed here; quote a value that contains ': ', "
+            "or check the indentation",
+        ),
+    ],
+)
+def test_common_mistakes_have_hints(
+    tmp_path: Path, text: str, where: tuple[int, int], message: str
+) -> None:
+    with pytest.raises(SpecError) as err:
+        load_yaml(write(tmp_path, "h.yaml", text))
+    issue = only_issue(err)
+    assert (issue.line, issue.col) == where
+    assert issue.message == f"invalid YAML: {message}"
 
 
 # --- extends -----------------------------------------------------------------------------------
@@ -338,13 +481,42 @@ def test_missing_extended_file_is_located(tmp_path: Path) -> None:
         load_yaml(main)
     issue = only_issue(err)
     assert issue.message == f"extended file not found: {str(tmp_path / 'gone.yaml')!r}"
-    assert (issue.file, issue.line, issue.col) == (str(main), 4, 5)
+    assert (issue.file, issue.line, issue.col, issue.path) == (str(main), 4, 5, "extends.1")
 
 
-def test_extends_must_name_files(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="'extends' must be a file name") as err:
-        load_yaml(write(tmp_path, "main.yaml", "extends: {a: 1}\n"))
-    assert only_issue(err).path == "extends"
+@pytest.mark.parametrize(
+    ("text", "path", "found"),
+    [
+        ("extends: {a: 1}\n", "extends", "a mapping"),
+        ('extends: ""\n', "extends", "''"),
+        ("extends: [base.yaml, [x]]\n", "extends.1", "a list"),
+        ("extends: [base.yaml, ~]\n", "extends.1", "null"),
+    ],
+)
+def test_extends_must_name_files(tmp_path: Path, text: str, path: str, found: str) -> None:
+    write(tmp_path, "base.yaml", "a: 1\n")
+    with pytest.raises(SpecError) as err:
+        load_yaml(write(tmp_path, "main.yaml", text))
+    issue = only_issue(err)
+    assert issue.path == path
+    assert issue.message == f"expected a file name or a list of file names, found {found}"
+
+
+def test_extends_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    main = write(tmp_path, "main.yaml", "name: x\nextends: shared\n")
+    with pytest.raises(SpecError) as err:
+        load_yaml(main)
+    assert str(only_issue(err)) == (
+        f"{main}:2:10: extends: expected a YAML file, found the directory "
+        f"{str(tmp_path / 'shared')!r}"
+    )
+
+
+def test_main_file_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as err:
+        load_yaml(tmp_path)
+    assert str(only_issue(err)) == f"{tmp_path}: expected a YAML file, found the directory"
 
 
 def test_errors_in_extended_files_name_that_file(tmp_path: Path) -> None:
@@ -400,25 +572,55 @@ def test_override_marks_and_provenance(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "reason"),
+    ("override", "path", "reason"),
     [
-        ("samples", "expected 'dotted.path=value'"),
-        ("a..b=1", "expected 'dotted.path=value'"),
-        ("=1", "expected 'dotted.path=value'"),
-        ("experiments.5=1", "index 5 is out of range for 'experiments' (a list of 1 items"),
-        ("experiments.first=1", "'experiments' is a list: expected an integer index, got 'first'"),
-        ("samples.x=1", "'samples' is int, not a mapping or a list"),
-        ("experiments.0.kind.x=1", "'experiments.0.kind' is str, not a mapping or a list"),
-        ("x=[1, 2", "expected ',' or ']'"),
-        ("x=!!python/name:os.system", "unsupported YAML tag '!!python/name:os.system'"),
+        ("samples", "", "expected 'dotted.path=value', found no '='"),
+        ("a..b=1", "", "expected 'dotted.path=value', found an empty segment in 'a..b'"),
+        ("=1", "", "expected 'dotted.path=value', found an empty path"),
+        (
+            "experiments.5=1",
+            "experiments.5",
+            "index 5 is out of range for 'experiments': expected 0 to 1 "
+            "(a list of 1 items; index 1 appends)",
+        ),
+        (
+            "experiments.first=1",
+            "experiments.first",
+            "'experiments' is a list: expected an integer index, found 'first'",
+        ),
+        ("samples.x=1", "samples.x", "expected 'samples' to be a mapping or a list, found int 16"),
+        (
+            "experiments.0.kind.x=1",
+            "experiments.0.kind.x",
+            "expected 'experiments.0.kind' to be a mapping or a list, found str "
+            "'activation_patching'",
+        ),
+        (
+            "x=[1, 2",
+            "x",
+            "invalid YAML value: expected a closing ']' for the '[' that starts here, "
+            "found the end of the value",
+        ),
+        (
+            "x='open",
+            "x",
+            'invalid YAML value: expected a closing "\'" for the quoted string that starts '
+            "here, found the end of the value",
+        ),
+        (
+            "x=!!python/name:os.system",
+            "x",
+            "unsupported YAML tag '!!python/name:os.system': only plain data is allowed",
+        ),
     ],
 )
-def test_bad_overrides(tmp_path: Path, override: str, reason: str) -> None:
+def test_bad_overrides(tmp_path: Path, override: str, path: str, reason: str) -> None:
+    """Located like every `--set` value: `--set PATH=VALUE: field.path: message`."""
     with pytest.raises(SpecError) as err:
         load_yaml(write(tmp_path, "h.yaml", HYP), [override])
-    message = only_issue(err).message
-    assert message.startswith(f"invalid override --set {override!r}: ")
-    assert reason in message
+    issue = only_issue(err)
+    assert (issue.file, issue.line, issue.path) == (f"--set {override}", None, path)
+    assert issue.message == f"invalid override: {reason}"
 
 
 def test_set_path_on_plain_data() -> None:
