@@ -11,6 +11,15 @@ once. When all rows have one length, a training step skips the modules below the
 outputs are zero placeholders, checked once to leave the logits unchanged) and the site module
 (its cached base output, patched): it pays only for the layers above the site, forward and
 backward. Gradients go to the rotation (and boundaries) only, through ``autograd.grad``.
+
+Reproducibility: the initial rotation (and a ``low_rank`` rotation's completion to d x d), the
+batch order and the random-rotation control come from the job's ``seed`` alone, never from the
+global RNG state; on CUDA, deterministic kernels are asked for while it trains. So a job trained
+twice on one machine gives the same rotation and IIA bit for bit (threads: as many as you like,
+for the small models the tests use; a large model's matmuls can split a sum by thread count). On
+another CPU, float rounding differs (other SIMD kernels), so a trained rotation, and the few
+pairs near a decision threshold, can differ: assert what DAS guarantees (IIA near 1 on a known
+mechanism), never a trained value exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import base64
 import hashlib
 import io
 import math
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,18 +55,74 @@ CACHE_BYTES = 1 << 30  # cached base site outputs above this: run the whole mode
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
+_RNG = threading.Lock()  # one seeded use of torch's global CPU generator at a time (threads)
+_DETERMINISTIC = threading.Lock()
+_deterministic_users: list[tuple[bool, bool, bool, bool]] = []
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's global CPU generator seeded with ``seed``, its state restored after (CUDA's
+    untouched: the rotation lives on the CPU)."""
+    with _RNG:
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
+
+
+@contextmanager
+def _deterministic(device: Any) -> Iterator[None]:
+    """On CUDA, deterministic kernels while DAS trains and scores (cuDNN, and torch's own where it
+    has one: ``warn_only``, so an op without one still runs); the flags are process-wide, so they
+    are restored when the last DAS job in this process leaves. CPU kernels already are
+    deterministic for a given machine and thread count."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with _DETERMINISTIC:
+        if not _deterministic_users:
+            saved = (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                cudnn.deterministic,
+                cudnn.benchmark,
+            )
+            if not saved[0]:  # an existing strict setting stays strict
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            cudnn.deterministic, cudnn.benchmark = True, False
+        else:
+            saved = _deterministic_users[0]
+        _deterministic_users.append(saved)
+    try:
+        yield
+    finally:
+        with _DETERMINISTIC:
+            _deterministic_users.pop()
+            if not _deterministic_users:
+                enabled, warn_only, cudnn.deterministic, cudnn.benchmark = saved
+                torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 class Interchange(nn.Module):
-    """A shared fp32 rotation; variable ``v`` owns columns ``[v*k, (v+1)*k)``."""
+    """A shared fp32 rotation; variable ``v`` owns columns ``[v*k, (v+1)*k)``.
+
+    Reproducible from ``seed`` alone, whatever the global RNG state: the initial rotation and the
+    draw ``parametrizations.orthogonal`` makes to complete a ``low_rank`` d x K matrix to d x d
+    (at construction, and again on :meth:`set_matrix`) come from torch's CPU generator seeded with
+    ``seed``, its state restored after (:func:`_seeded`)."""
 
     def __init__(self, width: int, n_vars: int, k: int, kind: str, seed: int = 0):
         super().__init__()
         if k < 1 or n_vars * k > width:
             raise ExecutionError(f"das: {n_vars} variable(s) x dim {k} exceed width {width}")
-        self.k, self.n_vars, self.kind = k, n_vars, kind
+        self.k, self.n_vars, self.kind, self.seed = k, n_vars, kind, seed
         cols = n_vars * k if kind == "low_rank" else width
         self.shape = (width, cols)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with _seeded(seed):
             linear = nn.Linear(cols, width, bias=False, dtype=torch.float32)  # weight [w, cols]
             nn.init.orthogonal_(linear.weight)
             self.rotation = parametrizations.orthogonal(linear)
@@ -66,7 +134,8 @@ class Interchange(nn.Module):
 
     @torch.no_grad()
     def set_matrix(self, r: torch.Tensor) -> None:
-        self.rotation.weight = r.float()
+        with _seeded(self.seed):
+            self.rotation.weight = r.float()
 
     def masks(self, temperature: float | None) -> torch.Tensor:
         """[n_vars, k] weights of each variable's rotated dims: soft (training) or hard (None)."""
@@ -296,7 +365,12 @@ class Trainer:
         per_epoch, epochs = len(train) // bs, cfg["epochs"]
         total = max(1, per_epoch * epochs)
         extra = {"momentum": 0.9} if cfg["optimizer"] == "sgd" else {}
-        opt = OPTIMIZERS[cfg["optimizer"]](params, lr=cfg["lr"], **extra)
+        # No weight decay on the rotation (AdamW's default 0.01 would shrink the +-1 diagonal the
+        # low_rank Householder map truncates to int: columns became 0, R^T R != I)
+        rot = {id(p) for p in inter.rotation.parameters()}
+        groups = [{"params": [p for p in params if id(p) in rot], "weight_decay": 0.0}]
+        groups += [{"params": rest}] if (rest := [p for p in params if id(p) not in rot]) else []
+        opt = OPTIMIZERS[cfg["optimizer"]](groups, lr=cfg["lr"], **extra)
         factor = _lr_factor(cfg["schedule"], int(cfg["warmup"] * total), total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         fidx = self._skip_mode(train, bs) if epochs else None
@@ -361,7 +435,7 @@ def _init(inter: Interchange, init: str, plan: Plan) -> None:
         inter.boundary.data.copy_(saved["boundary"])
 
 
-@register_op("das")
+@register_op("das", version=2)  # 2: seeded low-rank completion, no weight decay on the rotation
 def run_das(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     """Train on ``params.train``, stop early on ``params.val``, score ``params.test`` with the
     learned rotation, a random rotation and no intervention (the base-label floor)."""
@@ -379,10 +453,11 @@ def run_das(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     index = {r: i for i, r in enumerate(job.rows)}
     train, val, test = (Split.of(p[s], index) for s in ("train", "val", "test"))
     trainer = Trainer(inter, Runner(engine, site, data), cap, plan.max_batch_rows)
-    hist = trainer.fit(train, val, cfg, p["seed"], p["label"])
     gen = torch.Generator().manual_seed(p["seed"] + 104_729)
     random_rotation = torch.linalg.qr(torch.randn(*inter.shape, generator=gen))[0]
-    scores = [trainer.correct(test), trainer.correct(test, random_rotation)]
+    with _deterministic(engine.device):
+        hist = trainer.fit(train, val, cfg, p["seed"], p["label"])
+        scores = [trainer.correct(test), trainer.correct(test, random_rotation)]
     floor = (cap.clean[test.base] == test.labels).float()
     task = (cap.clean[test.base] == torch.tensor(p["test"]["base_labels"])).float().mean().item()
     blob = rotation_bytes(inter, {k: p[k] for k in ("site", "position", "variables", "label")})

@@ -2,7 +2,8 @@
 
 For a file or sqlite store it runs ``python -m mlflow ui --backend-store-uri <uri> --host <host>
 --port <port>`` in its own process group, prints the runs-table URL, and blocks until Ctrl-C (or
-SIGTERM), which stops the UI and its workers. For an http(s) store the server already runs: the
+SIGTERM / SIGHUP), which stops the UI and every process it started (uvicorn workers, the job
+runner and its huey consumers): SIGTERM, then SIGKILL for what is left after a grace period. For an http(s) store the server already runs: the
 URL is printed and nothing is started.
 """
 
@@ -11,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from urllib.parse import urlparse
+
+import psutil
 
 from mi_spec.errors import MiSpecError
 from mi_spec.tracking.mlflow_tracker import probe_http, resolve_tracking_uri
@@ -112,33 +117,130 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _run_until_stopped(cmd: list[str]) -> int:
-    """Run `cmd` in a new process group; on Ctrl-C or SIGTERM stop the whole group."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    previous = signal.getsignal(signal.SIGTERM)
+    """Run `cmd` in a process group of its own (a terminal's Ctrl-C reaches only this process,
+    which then stops the UI in order); on Ctrl-C, SIGTERM or SIGHUP, when the UI exits by itself,
+    or on any error, end the group and every descendant (:func:`_stop`). On Linux the UI also
+    gets SIGTERM when this process dies without cleaning up (SIGKILL): see :func:`_tied`."""
+    stoppers = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.getsignal(s) for s in stoppers}
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C still works
-        signal.signal(signal.SIGTERM, on_term)
+    for s in stoppers:
+        with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C still works
+            signal.signal(s, on_signal)
+    proc = None
     try:
+        proc = subprocess.Popen(_tied(cmd), start_new_session=True)
         return proc.wait()
     except KeyboardInterrupt:
-        _stop(proc)
         return 0
     finally:
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:
-            _stop(proc)
+        try:
+            if proc is not None:
+                _stop(proc)  # also when the leader is gone: its workers may not be
+        finally:
+            for s, handler in previous.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(s, handler)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL it if still there after a grace period (POSIX)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    with contextlib.suppress(ProcessLookupError):  # the leader's leftovers, or the leader itself
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+# Exec'd in front of the UI on Linux: SIGTERM when the parent (this process) dies, however it dies.
+_TIE = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)  # the parent died before the tie: do not start\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _tied(cmd: list[str]) -> list[str]:
+    """`cmd`, started through a tiny Python that makes the kernel SIGTERM it if this process dies
+    (``PR_SET_PDEATHSIG`` survives ``exec``); the UI then stops its own workers. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _TIE, str(os.getpid()), shutil.which(cmd[0]) or cmd[0], *cmd[1:]]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class _Family:
+    """What the UI started: the leader (until reaped), its descendants, the members of its
+    process group and of groups its descendants lead (a worker that lost its parent is still in
+    its group; one that left the group is still a descendant), and all that was seen before."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.seen, self.groups = proc, {}, {proc.pid}
+
+    def alive(self) -> list[psutil.Process]:
+        self.proc.poll()  # reap the leader, our child; once reaped its pid may name another
+        if self.proc.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                self.seen.setdefault(self.proc.pid, psutil.Process(self.proc.pid))
+        for _ in range(2):
+            for p in list(self.seen.values()):
+                with contextlib.suppress(psutil.Error):
+                    for child in p.children(recursive=True):
+                        self.seen.setdefault(child.pid, child)
+            self.groups |= {pid for pid, p in self.seen.items() if _pgid(pid) == pid}
+            self.groups.discard(os.getpgid(0))
+            for p in psutil.process_iter():
+                if _pgid(p.pid) in self.groups:
+                    self.seen.setdefault(p.pid, p)
+        return [p for p in self.seen.values() if _alive(p)]
+
+    def signal(self, procs: list[psutil.Process], sig: int) -> None:
+        pgids = {p.pid: _pgid(p.pid) for p in procs}
+        for pgid in self.groups & set(pgids.values()):  # a group id is reused only when empty
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        for p in procs:
+            if pgids[p.pid] not in self.groups:  # one that left the groups: on its own
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)  # psutil checks that the pid still names that process
+
+
+def _stop(proc: subprocess.Popen, grace: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the UI's process group and everything it started, poll until all is gone, SIGKILL
+    what is left after `grace` s (at once on a second Ctrl-C / SIGTERM), and reap the leader."""
+    hurry: list[int] = []
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # a second signal: no more grace, no traceback
+            previous[s] = signal.signal(s, lambda signum, frame: hurry.append(signum))
+    try:
+        family = _Family(proc)
+        left = family.alive()
+        family.signal(left, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline and not hurry:
+            time.sleep(0.1)
+            left = family.alive()  # workers may start workers while stopping: seen, then ended
+        for _ in range(100):  # SIGKILL cannot be ignored: a few rounds at most
+            if not left:
+                break
+            family.signal(left, signal.SIGKILL)
+            time.sleep(0.1)
+            left = family.alive()
+        proc.wait()
+    finally:
+        for s, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(s, handler)

@@ -8,9 +8,9 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
 import sys
 
+import procs
 import pytest
 from tracking.studies import HEADLINE, PATCHING, PATCHING_SMALL, SCRUB, run_small, variant
 
@@ -195,11 +195,8 @@ def test_bad_tag_argument(compare):
 
 def test_missing_or_unreachable_store_is_an_error_without_traceback(tmp_path):
     missing = f"sqlite:///{tmp_path}/none.db"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mi_spec.cli.main", "compare", "--tracking-uri", missing],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = procs.run(  # its own process group, ended whatever happens; a generous limit
+        [sys.executable, "-m", "mi_spec.cli.main", "compare", "--tracking-uri", missing]
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "no MLflow store at" in proc.stderr

@@ -188,6 +188,23 @@ def test_rotation_fp32_orthogonal_in_bf16_model(tmp_path, kind, monkeypatch):
     assert (r.T @ r - torch.eye(r.shape[1])).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("kind", ["full", "low_rank", "boundless"])
+def test_every_optimizer_keeps_the_rotation_orthogonal(tmp_path, kind, optimizer):
+    """No weight decay on the rotation: AdamW's once shrank the low_rank (Householder) map's +-1
+    diagonal, which it truncates to int, to 0: zero columns, |R^T R - I| = 1."""
+    exp = (
+        f"  - {{kind: das, variables: [WX, YZ], site: L0.resid_post@last, intervention: {kind}, "
+        "pairs: {train: 128, val: 0, test: 32}, "
+        f"training: {{epochs: 2, patience: null, optimizer: {optimizer}}}}}\n"
+    )
+    study, plan = compile_file(_equality(tmp_path, exp))
+    state = loaded_for(plan, model=study.model)
+    res = das_op.run_das(plan.jobs[0], plan, state.engine, state.data)
+    assert res.extra["steps"] == 2 * (128 // 64)
+    assert res.extra["orthogonality_error"] <= 1e-5
+
+
 def test_compiled_pairs_labels_and_splits(tmp_path):
     exp = "  - {kind: das, variables: [WX, YZ], site: L0.resid_post@last, pairs: {test: 300}}\n"
     study, plan = compile_file(_equality(tmp_path, exp))
@@ -227,7 +244,12 @@ def test_compile_errors(tmp_path, exp, message):
 
 
 def test_handbuilt_reaches_one(tmp_path):
-    """Known mechanism: WX in L0 dims 0-7, YZ in 8-15. Identity rotation and learned: IIA 1."""
+    """Known mechanism: WX in L0 dims 0-7, YZ in 8-15. The given (identity) rotation: IIA exactly
+    1, on any machine. The learned one: IIA ~1, not exactly: the trained rotation, so which of the
+    256 test pairs land on the wrong side of a threshold, depends on float rounding, which differs
+    between CPUs (1.0 on AMD EPYC, 0.996 on an Intel Xeon for this seed). Over 104 trainings here
+    with other seeds and learning rates (perturbations larger than rounding) the test IIA was
+    >= 0.988 (1.0 in 80 %), and 0.99 failed 2 of 40 seeds: 0.98 is the method's guarantee here."""
     exp = (
         "  - {name: given, kind: das, variables: [WX, YZ], site: L0.resid_post@last, "
         "intervention: full, init: identity, training: {epochs: 0}, pairs: {test: 256}}\n"
@@ -235,9 +257,46 @@ def test_handbuilt_reaches_one(tmp_path):
         "intervention: full, pairs: {train: 1024, test: 256}}\n"
     )
     given, learned = _run(_equality(tmp_path, exp, model="equality_handbuilt")).reports
-    assert given.metrics["das.iia"] == 1.0
-    assert learned.metrics["das.iia"] == 1.0
+    assert given.metrics["das.iia"] == 1.0  # not learned: exact everywhere
+    assert learned.metrics["das.iia"] >= 0.98, learned.metrics["das.iia"]
     assert given.metrics["das.control.random_rotation.ci_high"] < 0.9
+    assert (
+        learned.metrics["das.iia.ci_low"] > learned.metrics["das.control.random_rotation.ci_high"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "init"), [("full", "random"), ("low_rank", "identity"), ("boundless", "random")]
+)
+def test_training_repeats_bit_for_bit(tmp_path, kind, init):
+    """One job trained twice on this machine: the same rotation, losses, validation and test IIA,
+    bit for bit, whatever the global RNG state and the number of intra-op threads (init, the
+    low_rank completion of ``init: identity`` and the batch order come from the job's seed)."""
+    exp = (
+        f"  - {{kind: das, variables: [WX, YZ], site: L0.resid_post@last, intervention: {kind}, "
+        f"init: {init}, pairs: {{train: 256, val: 64, test: 128}}, "
+        "training: {epochs: 3, patience: null}}\n"
+    )
+    study, plan = compile_file(_equality(tmp_path, exp))
+    state = loaded_for(plan, model=study.model)
+    runs = []
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for seed, threads in ((1, 1), (2, 2)):
+                torch.manual_seed(seed)
+                torch.set_num_threads(threads)
+                runs.append(das_op.run_das(plan.jobs[0], plan, state.engine, state.data))
+        finally:
+            torch.set_num_threads(1)
+    first, second = runs
+    assert first.extra["steps"] == second.extra["steps"] == 3 * (256 // 64)
+    rotations = [das_op.load_rotation(base64.b64decode(r.extra["rotation"])) for r in runs]
+    assert torch.equal(rotations[0]["rotation"], rotations[1]["rotation"])
+    assert torch.equal(rotations[0]["boundary"], rotations[1]["boundary"])
+    assert first.extra["loss"] == second.extra["loss"]
+    assert first.extra["val_iia"] == second.extra["val_iia"]
+    assert first.variants == second.variants  # test IIA per pair: learned and random rotation
+    assert first.extra["rotation_sha256"] == second.extra["rotation_sha256"]
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 import yaml
@@ -194,13 +194,8 @@ def test_fresh_worker_process_rebuilds_the_declarative_adapter(tmp_path):
         "print(json.dumps({'adapter': state.model.adapter.name, 'variants': res.variants}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # where the factory lives
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "plan.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
+    out = procs.run(  # its own process group, ended whatever happens; a generous limit
+        [sys.executable, "-c", script, str(tmp_path / "plan.json")], env=env, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
     fresh = json.loads(out.stdout.strip().splitlines()[-1])

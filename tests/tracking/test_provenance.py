@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+import procs
 import pytest
 
 from mi_spec.api import compile_file, study_record
@@ -17,9 +18,7 @@ GIT_ID = ["-c", "user.name=mi_spec tests", "-c", "user.email=tests@mi-spec.inval
 
 
 def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), *GIT_ID, *args], capture_output=True, text=True, check=True
-    )
+    done = procs.run(["git", "-C", str(repo), *GIT_ID, *args], check=True)
     return done.stdout.strip()
 
 
@@ -28,7 +27,7 @@ def repo(tmp_path, monkeypatch):
     """A git work tree with one committed hypothesis and one committed other file."""
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     try:
-        subprocess.run(["git", "--version"], capture_output=True, check=True)
+        procs.run(["git", "--version"], check=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("git is not installed")
     root = tmp_path / "repo"

@@ -9,9 +9,9 @@ import hashlib
 import json
 import math
 import struct
-import subprocess
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -74,13 +74,11 @@ def test_parent_tags_identify_file_spec_commit_model_and_runner(store):
     assert tags["mi_spec.overrides"] == (
         "experiments.0.samples=8 experiments.0.controls.n_random=2"
     )
-    head = subprocess.run(
-        ["git", "-C", str(SCRUB.parent), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
+    head = procs.run(["git", "-C", str(SCRUB.parent), "rev-parse", "HEAD"])
     if head.returncode == 0:  # the checkout is a git work tree: HEAD then, or an ancestor of now
         commit = tags["mi_spec.git_commit"]
         assert len(commit) == 40 and tags["mi_spec.git_dirty"] in ("true", "false")
-        ancestor = subprocess.run(
+        ancestor = procs.run(
             ["git", "-C", str(SCRUB.parent), "merge-base", "--is-ancestor", commit, "HEAD"]
         )
         assert ancestor.returncode == 0, commit
