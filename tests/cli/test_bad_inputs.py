@@ -5,10 +5,10 @@ hit because of the input (every row checked against every role, column and the v
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 from conftest import TOY, write_rows
@@ -205,10 +205,8 @@ def test_no_traceback_from_a_real_process(tmp_path):
     """The installed entry point, as a user runs it: exit 2, located, no traceback."""
     write_module(tmp_path, "broken_model_proc", "def build():\n    raise ValueError('bad')\n")
     path = study(tmp_path, model="factory: broken_model_proc:build")
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "mi_spec.cli.main", "validate", str(path)],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+import procs
 
 from mi_spec.cli.main import main
 from mi_spec.compile.schema import hypothesis_schema, render
@@ -57,11 +58,8 @@ def test_validate_reports_every_mistake_located(tmp_path, capsys):
 def test_no_traceback_on_bad_input(tmp_path):
     f = tmp_path / "broken.yaml"
     f.write_text(FIVE_MISTAKES)
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "mi_spec.cli.main", "validate", str(f)],
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "broken.yaml:4:" in proc.stderr
