@@ -25,12 +25,18 @@ DEFAULT_SCHEMA_DIR = "schemas"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mi_spec.cli.signals import Terminated, terminating
+
     args = _parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return int(args.func(args) or 0)
+        with terminating(enabled=args.func is _run):  # SIGTERM/SIGHUP: like Ctrl-C
+            return int(args.func(args) or 0)
     except MiSpecError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Terminated as e:  # "terminated by SIGTERM"; exit 128 + signum
+        print(e, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -54,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check hypothesis files: schema, model, data, sites")
     with_file(v, many=True)
+    v.add_argument(
+        "--static",
+        action="store_true",
+        help="review an untrusted file without running its code: schema, references found by "
+        "name (nothing imported), expressions, variable graph, sites on a meta-device model "
+        "where the structure is known; loads no model and no data",
+    )
     v.set_defaults(func=_validate)
 
     pl = sub.add_parser("plan", help="print the compiled plan: jobs, passes, memory")
@@ -95,6 +108,9 @@ def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for f in args.files:
         try:
+            if args.static:
+                _validate_static(f, args.overrides)
+                continue
             plan = api.validate(f, args.overrides)
             print(
                 f"ok: {f} ({len(plan.experiments)} experiments, {len(plan.jobs)} jobs, "
@@ -104,6 +120,20 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"{e}", file=sys.stderr)
             failed = max(failed, e.exit_code)
     return failed
+
+
+def _validate_static(path: str, overrides: list[str]) -> None:
+    from mi_spec.compile.static import check_static
+
+    report = check_static(path, overrides)
+    print(
+        f"ok (static, no code run): {path} ({len(report.references)} references, "
+        f"{report.expressions} expressions, {report.sites} sites checked)"
+    )
+    for ref in report.references:
+        print(f"  code it runs: {ref}")
+    for note in report.notes:
+        print(f"  note: {note}")
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -52,7 +52,12 @@ class SlurmOptions(BaseModel):
 
 
 class RunnerProfile(BaseModel):
-    """How and where to run a plan's jobs."""
+    """How and where to run a plan's jobs.
+
+    On Dask, a scheduler left without any worker (all killed, or Slurm jobs past their walltime)
+    for no_worker_timeout seconds stops the study with an error naming the scheduler, instead of
+    hanging; the jobs finished by then are cached, so running it again computes only the rest.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +82,14 @@ class RunnerProfile(BaseModel):
         None, description="cluster: the scheduler's address, e.g. tcp://host:8786"
     )
     retries: int = Field(2, ge=0, description="Extra attempts for a failing job before giving up")
+    no_worker_timeout: float | None = Field(
+        60,
+        gt=0,
+        description="Dask kinds: seconds the scheduler may have no worker at all (every worker "
+        "left or died mid-study) before the study fails, naming the scheduler, with the jobs "
+        "finished so far cached; null: wait for workers forever. The wait for a first worker "
+        "is not limited",
+    )
     gpu: Literal[True, False, "auto"] = Field(
         "auto",
         description="Request the Dask resource GPU=1 per job; auto: when CUDA is available "

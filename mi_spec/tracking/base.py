@@ -41,20 +41,22 @@ def tracking(tracker: Tracker, study: StudyRecord) -> Iterator[Tracker]:
     """Start `tracker` for `study`, yield it, and always finish it.
 
     The tracker finishes ``FINISHED`` on normal exit and ``FAILED`` (with
-    ``"<ExceptionType>: <message>"``) on any exception, KeyboardInterrupt included; the exception
-    is re-raised. A failure while finishing a failed run is logged, not raised, so it never masks
+    ``"<ExceptionType>: <message>"``) on any exception, KeyboardInterrupt included (and so
+    SIGTERM/SIGHUP, which the CLI turns into `mi_spec.cli.signals.Terminated`: "Terminated:
+    terminated by SIGTERM"), even one that cuts ``finish("FINISHED")`` short; the exception is
+    re-raised. A failure while finishing a failed run is logged, not raised, so it never masks
     the original error.
     """
     try:
         tracker.start(study)
         yield tracker
+        tracker.finish("FINISHED")
     except BaseException as e:
         try:
             tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
         except Exception:
             log.exception("tracker failed to record the failure of study %r", study.name)
         raise
-    tracker.finish("FINISHED")
 
 
 def truncate(text: str, limit: int = PARAM_VALUE_LIMIT) -> str:

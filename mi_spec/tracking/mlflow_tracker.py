@@ -163,11 +163,13 @@ class MlflowTracker:
         """End the open child (if any) and the parent with `status`; record `error` on FAILED.
 
         Idempotent, and a no-op before a successful `start`. Runs are always terminated, even
-        when recording the error fails.
+        when recording the error fails. A call cut short before the parent run was terminated
+        (the store failed, or SIGTERM/Ctrl-C arrived meanwhile) leaves it open, so that a second
+        call (``tracking`` then finishes it FAILED) still ends it.
         """
         if self._client is None or self.parent_run_id is None or not self._parent_open:
             return
-        parent, self._parent_open = self.parent_run_id, False
+        parent = self.parent_run_id
         try:
             if status == "FAILED" and error:
                 self._client.set_tag(parent, "mi_spec.error", truncate(error, ERROR_TAG_LIMIT))
@@ -177,6 +179,7 @@ class MlflowTracker:
                 self._end_child(status)
             finally:
                 self._client.set_terminated(parent, status)
+                self._parent_open = False
 
     # -- links -----------------------------------------------------------------------------
 
@@ -208,6 +211,7 @@ class MlflowTracker:
         # do so); `run_url` gives the one link that matters, the runs table.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         try:
+            check_sqlite_path(uri)
             probe_http(uri)
             client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._get_or_create_experiment(client)
@@ -364,6 +368,35 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 def _is_windows_path(uri: str) -> bool:
     return bool(re.match(r"^[A-Za-z]:[\\/]", uri))
+
+
+def check_sqlite_path(uri: str) -> None:
+    """Fail fast (`MiSpecError`, one line) when a sqlite store cannot be a database file here.
+
+    MLflow retries opening such a store for about two minutes: a directory instead of a file, a
+    file where a folder of the path should be, a database or folder this user cannot write (sqlite
+    writes its journal beside the database). A missing folder is fine: MLflow creates it.
+    """
+    parsed = urlparse(uri)
+    raw = parsed.path[1:]  # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"
+    if parsed.scheme != "sqlite" or raw in ("", ":memory:") or raw.startswith("file:"):
+        return
+
+    def fail(cause: str) -> None:
+        raise MiSpecError(f"cannot use MLflow tracking store {uri!r}: {cause}")
+
+    path = Path(raw)
+    if path.is_dir():
+        fail(f"{path} is a directory, not a database file (e.g. sqlite:///{path / 'mlflow.db'})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # MLflow creates missing folders
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        fail(f"{folder} is a file, not a folder")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        fail(f"{path} is not writable by this user")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"the folder {folder} is not writable by this user")
 
 
 def probe_http(uri: str) -> None:

@@ -252,3 +252,125 @@ def test_slurm_profile_drives_a_slurm_cluster(study, monkeypatch):
         assert gpu is True
     assert FakeSLURMCluster.seen["job_extra_directives"] == ["-x", "--gres=gpu:1"]
     assert FakeSLURMCluster.seen["worker_extra_args"] == ["--resources", "GPU=1"]
+
+
+# --- losing workers ---------------------------------------------------------------------------
+
+
+class FakeScheduler:
+    """`WorkerWatch`'s view of a client: scheduler_info's worker counts, one per call."""
+
+    def __init__(self, counts: list[int]):
+        self.counts, self.scheduler = counts, type("Rpc", (), {"address": "tcp://sched:8786"})()
+
+    def scheduler_info(self, n_workers: int = -1) -> dict:
+        return {"n_workers": self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]}
+
+
+def test_worker_watch_fails_after_the_timeout_without_workers(capsys):
+    now = [0.0]
+    watch = dask_runner.WorkerWatch(FakeScheduler([2, 0, 0, 1, 0]), 10, clock=lambda: now[0])
+    for t in (2.0, 4.0, 13.9):  # 0 workers since t=2 (reported once), then one joins at 13.9
+        now[0] = t
+        watch.check()
+    assert capsys.readouterr().err.count("no Dask worker left at tcp://sched:8786") == 1
+    for t in (16.0, 25.9, 26.5):  # none again since 16; asked at most once a second
+        now[0] = t
+        watch.check()
+    now[0] = 27.0
+    with pytest.raises(dask_runner.NoWorkers) as err:
+        watch.check()
+    assert err.value.describe(3, 8, cached=True) == (
+        "all 2 workers left the Dask scheduler at tcp://sched:8786 and none joined within 10 s; "
+        "3 of 8 jobs finished and are cached, 5 did not. Start workers (or raise "
+        "no_worker_timeout in the runner profile) and run the study again"
+    )
+    forever = dask_runner.WorkerWatch(FakeScheduler([1, 0]), None, clock=lambda: now[0])
+    for t in (100.0, 1e6):
+        now[0] = t
+        forever.check()  # null: waits for workers forever
+
+
+class ScaleToZeroOnFirstResult(Progress):
+    """After the first computed result, close every worker of ``cluster`` (for good)."""
+
+    def __init__(self, total: int, cluster: LocalCluster):
+        super().__init__(total)
+        self.cluster, self.closed = cluster, False
+
+    def update(self, n: int = 1, cached: bool = False) -> None:
+        super().update(n, cached)
+        if not self.closed and not cached:
+            self.closed = True
+            self.cluster.scale(0)  # asynchronous: the workers close while the study goes on
+
+
+def test_losing_every_worker_fails_after_the_timeout_with_finished_jobs_cached(
+    study_file, tmp_path
+):
+    _, plan = compile_file(study_file(BODY % 2, model=WIDER))  # 8 jobs of ~0.1 s
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
+    ) as cluster:
+        address = cluster.scheduler_address
+        profile = cluster_profile(address).model_copy(update={"no_worker_timeout": 5})
+        cache = CountingCache(tmp_path / "cache")
+        start = time.perf_counter()
+        with pytest.raises(ExecutionError) as err:
+            run_dask(plan, plan.jobs, cache, ScaleToZeroOnFirstResult(8, cluster), profile)
+        elapsed = time.perf_counter() - start
+    message = str(err.value)
+    head = f"the only worker left the Dask scheduler at {address} and none joined within 5 s; "
+    assert message.startswith(head), message
+    done = int(message[len(head) :].split(" of 8 jobs finished and are cached")[0])
+    assert 1 <= done < 8 and cache.puts == done
+    assert sum(cache.get(j.id) is not None for j in plan.jobs) == done
+    assert elapsed < 120
+
+
+def _kill_the_worker_on(bad_id: str):
+    """execute_job, except that job ``bad_id`` kills the worker process running it, after a
+    moment: the jobs before it finish, and their results reach this process, before it dies."""
+    from mi_spec.execute.worker import execute_job
+
+    def run(plan, job):
+        if job.id == bad_id:
+            time.sleep(2)
+            os._exit(3)
+        return execute_job(plan, job)
+
+    return run
+
+
+def test_a_job_killing_its_worker_is_an_execution_error_naming_it(study, monkeypatch, tmp_path):
+    import cloudpickle
+    import dask
+
+    plan, _ = study
+    bad = plan.jobs[-1]  # one worker thread, plan order: the good jobs run first
+    module = sys.modules[_kill_the_worker_on.__module__]
+    cloudpickle.register_pickle_by_value(module)  # workers cannot import this test module
+    monkeypatch.setattr(dask_runner, "execute_job", _kill_the_worker_on(bad.id))
+    try:
+        with (
+            dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=":0",
+            ) as cluster,
+        ):
+            cache = CountingCache(tmp_path / "cache")
+            profile = cluster_profile(cluster.scheduler_address)
+            with pytest.raises(ExecutionError) as err:
+                run_dask(plan, plan.jobs, cache, Progress(4), profile)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    message = str(err.value)
+    assert message.startswith(
+        f"the Dask worker running job {bad.id} (experiment 'activation_patching') died, 1 time "
+    ), message
+    assert "out of memory" in message and type(err.value.__cause__).__name__ == "KilledWorker"
+    assert cache.puts == 3 and all(cache.get(j.id) for j in plan.jobs[:3])

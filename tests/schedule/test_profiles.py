@@ -67,6 +67,14 @@ def test_slurm_profile_is_validated():
     assert slurm.extra["local_directory"] == "/tmp"
 
 
+def test_no_worker_timeout(tmp_path):
+    assert load_profile("cluster").no_worker_timeout == 60 == RunnerProfile().no_worker_timeout
+    assert load_profile(write(tmp_path, "no_worker_timeout: null\n")).no_worker_timeout is None
+    assert load_profile(write(tmp_path, "no_worker_timeout: 2.5\n")).no_worker_timeout == 2.5
+    path = write(tmp_path, "kind: local\nno_worker_timeout: 0\n")
+    assert issues(path)[0].startswith(f"{path}:2:20: no_worker_timeout: ")
+
+
 def test_unknown_name_lists_the_bundled_ones():
     with pytest.raises(SpecError, match="local, synchronous|synchronous, local"):
         load_profile("nope")

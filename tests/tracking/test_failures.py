@@ -5,6 +5,7 @@ recorded, never RUNNING."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from conftest import write_rows
@@ -51,6 +52,39 @@ def test_unreachable_sqlite_store_fails_before_the_model_loads(tmp_path, study_f
     assert tracker.parent_run_id is None
 
 
+def test_sqlite_uri_naming_a_directory_fails_at_once(tmp_path, study_file, no_compute, capsys):
+    """MLflow itself retries such a store for about two minutes before giving up."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    uri = f"sqlite:///{folder}"
+    start = time.perf_counter()
+    code = main(["run", str(study_file(BODY)), "--tracking-uri", uri, "--runner", "synchronous"])
+    assert time.perf_counter() - start < 10
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: cannot use MLflow tracking store {uri!r}: {folder} is a directory, not a "
+        f"database file (e.g. sqlite:///{folder}/mlflow.db)\n"
+    )
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["blocker/mlflow.db", "blocker/deeper/mlflow.db"])
+def test_sqlite_uri_through_a_file_fails_at_once(tmp_path, where):
+    (tmp_path / "blocker").write_text("")
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/{where}")
+    start = time.perf_counter()
+    with pytest.raises(MiSpecError, match=f"{tmp_path}/blocker is a file, not a folder$"):
+        tracker.check()
+    assert time.perf_counter() - start < 10
+
+
+def test_sqlite_store_in_a_missing_folder_is_created(tmp_path):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/new/mlflow.db")
+    tracker.check()
+    assert (tmp_path / "new" / "mlflow.db").is_file()
+
+
 def test_unreachable_server_fails_fast_from_the_cli(study_file, monkeypatch, no_compute, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -90,6 +124,35 @@ def test_ctrl_c_while_logging_an_experiment_fails_parent_and_child(
     logged = runs(tracking_uri)
     assert sorted(r.info.status for r in logged) == ["FAILED", "FAILED"]
     assert {r.info.run_name for r in logged} == {"tiny", "activation_patching@tiny"}
+
+
+def test_sigterm_while_finishing_the_study_still_ends_the_run_failed(
+    study_file, tracking_uri, monkeypatch
+):
+    """The study's last step, ending its run FINISHED, cut short (here by SIGTERM, which the CLI
+    raises as Terminated, a KeyboardInterrupt): the run is ended FAILED, not left RUNNING."""
+    from mi_spec.cli.signals import Terminated
+
+    tracker = MlflowTracker(tracking_uri)
+    tracker.check()
+    original = tracker._client.set_terminated
+
+    def terminated_while_ending_the_parent(run_id, status=None, **kwargs):
+        if run_id == tracker.parent_run_id and status == "FINISHED":
+            raise Terminated(15)
+        original(run_id, status, **kwargs)
+
+    monkeypatch.setattr(tracker._client, "set_terminated", terminated_while_ending_the_parent)
+    with pytest.raises(Terminated):
+        api.run(study_file(BODY), tracker, cache_dir=None, runner="synchronous")
+    statuses = {
+        r.info.run_name: (r.info.status, r.data.tags.get("mi_spec.error"))
+        for r in runs(tracking_uri)
+    }
+    assert statuses == {
+        "tiny": ("FAILED", "Terminated: terminated by SIGTERM"),
+        "activation_patching@tiny": ("FINISHED", None),
+    }
 
 
 def test_crash_inside_a_dask_worker_marks_the_run_failed(
