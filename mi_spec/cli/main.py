@@ -2,7 +2,8 @@
 
 Thin: it parses arguments and calls ``mi_spec.api`` (``compare``/``ui``: ``mi_spec.cli.compare``).
 
-Exit codes: 0 ok, 2 invalid input (the message says file:line:col), 1 runtime failure.
+Exit codes: 0 ok, 2 invalid input (the message says file:line:col), 1 runtime failure, 130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP (a run ends like Ctrl-C: runs FAILED, finished results cached).
 A ``MiSpecError`` prints as a message; anything else is a bug and keeps its traceback.
 """
 

@@ -25,6 +25,7 @@ _BUILTIN = {
     "das": "mi_spec.execute.das_op",
     "path_patch": "mi_spec.execute.path_op",
     "attribution": "mi_spec.execute.attribution_op",
+    "discovery": "mi_spec.execute.discovery_op",
 }
 
 
