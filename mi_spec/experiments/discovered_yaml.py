@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -143,6 +144,30 @@ def discovered_yaml(
     if dropped:
         header.append(f"# {dropped} edge(s) into nodes whose output reaches nothing were left out.")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def emit_beside(source: str | Path, reports: Iterable[Any]) -> list[str]:
+    """``--emit``: write each report's ``discovered.yaml`` beside the hypothesis file ``source`` as
+    ``<stem>.<experiment>.discovered.yaml`` (same folder, so its relative paths still hold).
+
+    A file already there with other content (a copy the researcher has been naming) is kept, and
+    the new circuit goes to ``….discovered.new.yaml``. Returns one line per file for the terminal.
+    """
+    source = Path(source)
+    lines = []
+    for report in reports:
+        text = report.files.get("discovered.yaml")
+        if text is None:
+            continue
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", report.name.split("@")[0])
+        out = source.with_name(f"{source.stem}.{slug}.discovered.yaml")
+        if out.exists() and out.read_bytes() != text:
+            kept = out
+            out = out.with_name(out.name.removesuffix(".yaml") + ".new.yaml")
+            lines.append(f"kept {kept} (it differs from this run's circuit)")
+        out.write_bytes(text)
+        lines.append(f"wrote {out}")
+    return lines
 
 
 def _depth(site: str) -> tuple[int, int, int, int]:

@@ -159,20 +159,26 @@ def test_sigterm_with_the_local_dask_runner_leaves_no_worker_behind(tmp_path):
 
 def test_terminating_raises_terminated_once_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated) as err, terminating():
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(5)  # interrupted by the handler
-    assert isinstance(err.value, KeyboardInterrupt)
-    assert (str(err.value), err.value.exit_code) == ("terminated by SIGHUP", 129)
-    with pytest.raises(Terminated) as err, terminating():
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # a second one, during cleanup: ignored
+    # the suite itself may run under nohup (SIGHUP ignored, which `terminating` respects)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated) as err, terminating():
             os.kill(os.getpid(), signal.SIGHUP)
-    assert err.value.exit_code == 143
-    assert signal.getsignal(signal.SIGTERM) is before
+            time.sleep(5)  # interrupted by the handler
+        assert isinstance(err.value, KeyboardInterrupt)
+        assert (str(err.value), err.value.exit_code) == ("terminated by SIGHUP", 129)
+        with pytest.raises(Terminated) as err, terminating():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one, during cleanup: ignored
+                os.kill(os.getpid(), signal.SIGHUP)
+        assert err.value.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, hup)
 
 
 class TermsWhenCollected:

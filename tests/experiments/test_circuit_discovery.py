@@ -267,3 +267,21 @@ def test_gpt2_layer_norms_mlps_and_the_attribution_op(study_file):
     assert len(summed) == 9
     for label, want in summed.items():
         np.testing.assert_allclose(eap[index[label]].numpy(), want, rtol=1e-3, atol=1e-5)
+
+
+def test_emit_writes_beside_the_input_and_keeps_an_edited_copy(tmp_path):
+    """``--emit``: one file per discovery experiment beside the hypothesis; a copy the researcher
+    has edited is never overwritten (the new circuit goes to ``.new.yaml``)."""
+    from mi_spec.analysis.report import ExperimentReport
+    from mi_spec.experiments.discovered_yaml import emit_beside
+
+    source = tmp_path / "study.yaml"
+    found = ExperimentReport("eap-ig@study", "circuit_discovery", files={"discovered.yaml": b"a"})
+    other = ExperimentReport("patch@study", "activation_patching")
+    assert emit_beside(source, [found, other]) == [f"wrote {tmp_path}/study.eap-ig.discovered.yaml"]
+    assert emit_beside(source, [found]) == [f"wrote {tmp_path}/study.eap-ig.discovered.yaml"]
+    (tmp_path / "study.eap-ig.discovered.yaml").write_text("named by hand")
+    lines = emit_beside(source, [found])
+    assert lines[0].startswith("kept ") and lines[1].endswith("study.eap-ig.discovered.new.yaml")
+    assert (tmp_path / "study.eap-ig.discovered.yaml").read_text() == "named by hand"
+    assert (tmp_path / "study.eap-ig.discovered.new.yaml").read_bytes() == b"a"
