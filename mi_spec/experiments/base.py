@@ -68,6 +68,7 @@ class ExperimentKind(Protocol):
 
 
 _KINDS: dict[str, ExperimentKind] = {}
+_ALL_IMPORTED: list[bool] = []  # set once every module of the package has been imported
 
 
 def register(kind: ExperimentKind) -> ExperimentKind:
@@ -80,11 +81,12 @@ def register(kind: ExperimentKind) -> ExperimentKind:
 
 def kinds() -> dict[str, ExperimentKind]:
     """All kinds: the modules in this package (imported once) register themselves."""
-    if not _KINDS:
+    if not _ALL_IMPORTED:  # not `if not _KINDS`: one kind imported directly registers itself
         package = importlib.import_module("mi_spec.experiments")
         for info in pkgutil.iter_modules(package.__path__):
             if info.name not in ("base", "effects") and not info.name.startswith("_"):
                 importlib.import_module(f"mi_spec.experiments.{info.name}")
+        _ALL_IMPORTED.append(True)
     return dict(_KINDS)
 
 
