@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -15,7 +16,6 @@ from mi_spec.causal.graph import CausalModel
 from mi_spec.data.dataset import Dataset, load_dataset
 from mi_spec.data.positions import position_table
 from mi_spec.errors import MiSpecError, ResolveError, SpecError, SpecIssue
-from mi_spec.models.load import LoadedModel, load_model
 from mi_spec.sites.adapter import Dims, SiteBinding, bind_site
 from mi_spec.sites.vocabulary import split_position
 from mi_spec.spec.load import LoadedDoc, load_yaml
@@ -23,6 +23,10 @@ from mi_spec.spec.locate import issue_at, issues_from_validation_error
 from mi_spec.spec.sections import PositionSpec
 
 from .spec import Spec
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded, not by `validate --static`
+    from mi_spec.models.attention_probe import AttentionPattern
+    from mi_spec.models.load import LoadedModel
 
 
 @dataclass
@@ -43,7 +47,13 @@ class Study:
         return self.doc.path.parent
 
     def bind(self, site: str) -> SiteBinding:
-        return bind_site(self.model.adapter, self.model.module, site)
+        return bind_site(self.model.adapter, self.model.skeleton, site)
+
+    def attention(self) -> AttentionPattern:
+        """The model's attention pattern (``models/attention_probe.py``), probed on first use."""
+        from mi_spec.models.attention_probe import attention_pattern
+
+        return attention_pattern(self.model, self.dims)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Spec, LoadedDoc]:
@@ -56,17 +66,22 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Spec, Lo
 
 
 def resolve(spec: Spec, doc: LoadedDoc) -> Study:
-    """Load the model and data, then check every site and position the spec names."""
+    """Load the model and data, then check every site and position the spec names.
+
+    An ``hf:`` model is resolved from its structure alone (meta device, identity from its
+    files); its weights load only when something runs it (site checks, in-process jobs)."""
     base = doc.path.parent
     try:
-        model = load_model(spec.model, base)
+        from mi_spec.models.load import load_model
+
+        model = load_model(spec.model, base, lazy=True)
     except MiSpecError as e:
         raise SpecError([issue_at(doc, ("model", *getattr(e, "field", ())), str(e))]) from None
     try:
         data = load_dataset(spec.data, base, model.hf_dir)
     except MiSpecError as e:
         raise SpecError([issue_at(doc, ("data", *getattr(e, "field", ())), str(e))]) from None
-    dims = model.adapter.dims(model.module)
+    dims = model.adapter.dims(model.skeleton)
     study = Study(
         spec,
         doc,
@@ -74,7 +89,7 @@ def resolve(spec: Spec, doc: LoadedDoc) -> Study:
         data,
         position_table(dict(spec.data.positions)),
         dims,
-        model.adapter.vocabulary(model.module),
+        model.adapter.vocabulary(model.skeleton),
     )
     issues = _check_correspondence(study)
     try:

@@ -41,9 +41,9 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine
-from mi_spec.execute.metrics import make_targets, picked_logits, score
+from mi_spec.execute.metrics import make_targets, picked_logits, score, source_targets
 from mi_spec.execute.ops import op_for, register_op
-from mi_spec.execute.run_job import Batch, make_batch, run_job, source_values
+from mi_spec.execute.run_job import Batch, job_source, make_batch, run_job, source_values
 from mi_spec.plan.ir import Intervention, Job, JobResult, Plan, Variant
 from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import MetricSection
@@ -168,8 +168,10 @@ def _estimate(
     clean = score(kind, logits, targets)
     clean_logp = torch.log_softmax(picked_logits(logits, targets), -1).detach()
     source = None
-    if source_logits is not None and source_logits.shape[1] == base.ids.shape[1]:
-        source = score(kind, source_logits, targets, clean_logp)
+    if source_logits is not None:  # scored where the metric's role is in the source
+        metric = MetricSection.model_validate(plan.metric)
+        at = source_targets(metric, data, rows, table, *job_source(job, table, data))
+        source = score(kind, source_logits, at, clean_logp)
     if not edge:
         return (
             _node_estimates(items, acts, sites, clean, values, roles),
@@ -251,8 +253,9 @@ def _dot(
     """Per row: sum over the role's positions of (source - base) . grad on the site's columns."""
     rows = torch.arange(act.shape[0], device=act.device)[:, None]
     at = (rows, pos.to(act.device), slice(site.start, site.stop))
-    delta = src.to(device=act.device, dtype=act.dtype) - act.detach()[at]
-    return (delta * grad[at]).sum((-1, -2))
+    wide = torch.promote_types(act.dtype, torch.float32)  # a bf16 model's estimates in fp32
+    delta = src.to(device=act.device, dtype=wide) - act.detach()[at].to(wide)
+    return (delta * grad[at].to(wide)).sum((-1, -2))
 
 
 def _grads(

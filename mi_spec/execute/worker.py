@@ -24,17 +24,22 @@ class Loaded:
     data: Dataset
 
 
-_LOADED: dict[str, Loaded] = {}
+_LOADED: dict[tuple[str, str], Loaded] = {}  # (model key, data hash) -> state
+PROBE_TOKENS = 8  # tokens of the probe pass (forward order and call counts)
 
 
 def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
     """The model/engine/dataset for ``plan``, from this process's cache or loaded now.
 
-    ``model`` lets the caller hand over a model it already loaded (in-process runs).
+    ``model`` lets the caller hand over a model it already loaded (in-process runs). A plan on
+    the same model with other data (the next file of ``mi-spec run a.yaml b.yaml``) reuses the
+    model this process holds and loads only the data.
     """
-    key = plan.model.key + plan.data.data_hash
+    key = (plan.model.key, plan.data.data_hash)
     if key in _LOADED:
         return _LOADED[key]
+    if model is None:
+        model = next((s.model for k, s in _LOADED.items() if k[0] == plan.model.key), None)
     if model is None:
         section = ModelSection.model_validate(plan.model.section)
         model = load_model(section, Path(plan.model.base_dir))
@@ -47,8 +52,9 @@ def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
     data = load_dataset(data_section, Path(plan.data.base_dir), plan.data.model_dir)
     if data.content_hash() != plan.data.data_hash:
         raise ExecutionError("dataset changed since the plan was compiled; compile it again")
-    sample_ids, _ = data.padded([0])
-    engine = Engine(model.module, torch.tensor(sample_ids, device=model.device))
+    # the probe pass learns forward order and call counts: a few tokens tell it as well as many
+    sample = torch.tensor([data.tokens[0][:PROBE_TOKENS]], device=model.device)
+    engine = Engine(model.module, sample, data.padding_side)
     _LOADED.clear()  # one model per process at a time keeps memory bounded
     _LOADED[key] = Loaded(model, engine, data)
     return _LOADED[key]

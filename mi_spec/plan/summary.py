@@ -35,6 +35,10 @@ def summarize(plan: Plan) -> str:
         f"  {len(plan.jobs)} jobs, {sum(j.forward_passes(plan.max_batch_rows) for j in plan.jobs)}"
         f" forward passes, up to {plan.max_batch_rows} rows per pass",
     ]
+    if plan.model.section.get("check_sites", True):
+        from mi_spec.execute.site_check import site_check_cost
+
+        lines.append(f"  before running: {site_check_cost(plan.sites.values()).describe()}")
     for exp in plan.experiments:
         jobs = plan.jobs_for(exp.name)
         if not jobs:

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 from distributed.scheduler import KilledWorker
@@ -28,22 +29,25 @@ from mi_spec.execute.cache import ResultCache
 from mi_spec.execute.worker import execute_job
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.schedule.profiles import RunnerProfile, SlurmOptions
-from mi_spec.schedule.progress import Progress
+from mi_spec.schedule.progress import Console, Progress, count
+
+if TYPE_CHECKING:
+    from mi_spec.schedule.dispatch import RunnerSession
 
 CONNECT_TIMEOUT = "30s"  # how long to try reaching an existing scheduler
 WAIT_POLL_S = 0.05  # how often the wait for results wakes up (to check the workers)
 WORKER_CHECK_S = 1.0  # how often (at most) the scheduler is asked how many workers it has
-GPU = {"GPU": 1}
+GPU = "GPU"  # the Dask resource GPU workers declare and GPU jobs ask for
 T = TypeVar("T")
 
 
 class WorkerSetup(WorkerPlugin):
-    """Per worker process: quiet transformers, set torch's threads, pin a local worker's GPU."""
+    """Per worker process: quiet transformers, set torch's threads."""
 
     name = "mi_spec-setup"
 
-    def __init__(self, threads: int, gpus: Sequence[str] = ()):
-        self.threads, self.gpus = threads, tuple(gpus)  # gpus: device ids to spread workers over
+    def __init__(self, threads: int):
+        self.threads = threads
 
     def setup(self, worker: Any) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
@@ -51,12 +55,6 @@ class WorkerSetup(WorkerPlugin):
             sys.modules["transformers"].logging.set_verbosity_error()
         import torch
 
-        if self.gpus and isinstance(worker.name, int):
-            index = worker.name % len(self.gpus)
-            if torch.cuda.is_initialized():
-                torch.cuda.set_device(index)
-            else:  # read when CUDA initialises: this worker sees one GPU, as cuda:0
-                os.environ["CUDA_VISIBLE_DEVICES"] = self.gpus[index]
         torch.set_num_threads(self.threads)
 
 
@@ -81,48 +79,92 @@ def _cuda_devices() -> list[str]:
     return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _say(message: str) -> None:
-    print(f"mi_spec: {message}", file=sys.stderr, flush=True)
+# --- sessions and clients ---------------------------------------------------------------------
+
+SHUTDOWN_TIMEOUT_S = 20  # closing an embedded cluster: how long its workers may take to stop
 
 
-# --- clients ----------------------------------------------------------------------------------
+@dataclass
+class DaskSession:
+    """A connected client, the Dask resources each job asks for (``{"GPU": n}`` on GPUs, else
+    none), and (for an embedded cluster) the cluster, which `grow` scales up to the profile's
+    size as later plans need more workers, each new worker on its GPUs of ``gpu_groups``."""
+
+    client: Client
+    resources: dict[str, float] | None
+    console: Console
+    cluster: LocalCluster | None = None
+    most: int = 0  # an embedded cluster's largest size (the profile's)
+    gpu_groups: Sequence[tuple[str, ...]] = ()
+
+    @property
+    def gpu(self) -> bool:
+        """Whether jobs ask for GPUs."""
+        return bool(self.resources and self.resources.get(GPU))
+
+    def grow(self, workers: int) -> None:
+        """At least ``workers`` workers (at most `most`), on an embedded cluster."""
+        if self.cluster is None:
+            return
+        want, have = min(workers, self.most), len(self.cluster.workers)
+        if want > have:
+            with self.console.stage(f"starting {count(want - have, 'more Dask worker')}"):
+                _start_workers(self.cluster, self.client, want, self.gpu_groups)
+
+
+@contextmanager
+def open_session(
+    profile: RunnerProfile,
+    address: str | None = None,
+    max_workers: int | None = None,
+    console: Console | None = None,
+) -> Iterator[DaskSession]:
+    """A `DaskSession` for ``profile`` (or the scheduler at ``address``).
+
+    Clusters started here are closed on exit (client first, then the cluster, its workers given
+    `SHUTDOWN_TIMEOUT_S` to stop); an existing scheduler is only disconnected from.
+    """
+    console = console or Console()
+    address = address or (profile.address if profile.kind == "cluster" else None)
+    if address:
+        with _remote(address, profile, console) as session:
+            yield session
+    elif profile.kind == "slurm":
+        assert profile.slurm is not None
+        with _slurm(profile, profile.slurm, console) as session:
+            yield session
+    else:
+        with _local(profile, max_workers, console) as session:
+            yield session
 
 
 @contextmanager
 def open_client(
     profile: RunnerProfile, address: str | None = None, max_workers: int | None = None
-) -> Iterator[tuple[Client, bool]]:
-    """A client for ``profile`` (or the scheduler at ``address``) and whether jobs ask for a GPU.
-
-    Clusters started here are closed on exit; an existing scheduler is only disconnected from.
-    """
-    address = address or (profile.address if profile.kind == "cluster" else None)
-    if address:
-        with _remote(address, profile) as pair:
-            yield pair
-    elif profile.kind == "slurm":
-        assert profile.slurm is not None
-        with _slurm(profile, profile.slurm) as pair:
-            yield pair
-    else:
-        with _local(profile, max_workers) as pair:
-            yield pair
+) -> Iterator[tuple[Client, dict[str, float] | None]]:
+    """`open_session`'s client and the resources each job asks for (None: any worker)."""
+    with open_session(profile, address, max_workers) as session:
+        yield session.client, session.resources
 
 
 @contextmanager
-def _local(profile: RunnerProfile, max_workers: int | None) -> Iterator[tuple[Client, bool]]:
+def _local(
+    profile: RunnerProfile, max_workers: int | None, console: Console
+) -> Iterator[DaskSession]:
     gpus = _cuda_devices() if profile.gpu is not False else []
     if profile.gpu is True and not gpus:
         raise ExecutionError("runner profile asks for gpu: true, but CUDA is not available here")
-    n = profile.local_workers(len(gpus))
-    n = min(n, max_workers) if max_workers else n
+    groups = profile.gpu_groups(gpus) if gpus else []
+    most = profile.local_workers(len(gpus))
+    n = min(most, max_workers) if max_workers else most
     threads = str(profile.threads_per_worker)
     env = {
         "TRANSFORMERS_VERBOSITY": "error",
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
-    dashboard = profile.dashboard and importlib.util.find_spec("bokeh") is not None
+    each = f" ({count(len(groups[0]), 'GPU')} each)" if groups else ""
+    stage = console.begin(f"starting {count(n, 'Dask worker')}{each}")
     # The scheduler only (quick); the workers start inside the try below, so that Ctrl-C or
     # SIGTERM while they start (seconds) still closes them: an interrupted LocalCluster(...)
     # would leave a half-started cluster to an atexit hook that fails with a traceback.
@@ -133,27 +175,39 @@ def _local(profile: RunnerProfile, max_workers: int | None) -> Iterator[tuple[Cl
         host="127.0.0.1",
         memory_limit=profile.memory_limit,
         dashboard_address=":0",  # a free port (its HTTP server runs even without bokeh)
-        resources=GPU if gpus else None,
         env=env,
     )
     try:
         client = Client(cluster, set_as_default=False)
         try:
-            _start_workers(cluster, client, n)
-            _setup(client, profile, gpus, dashboard)
-            yield client, bool(gpus)
+            _start_workers(cluster, client, n, groups)
+            _setup(client, profile, console)
+            console.end(stage)
+            resources = {GPU: profile.job_gpus(len(groups[0]))} if groups else None
+            yield DaskSession(client, resources, console, cluster, most, groups)
         finally:
             client.close()
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: a busy worker would finish its job first
         _stop_workers_now(cluster)
         raise
+    else:  # done: the client is closed, the workers are idle and exit in their own time
+        with console.stage("stopping Dask workers"):
+            _close_workers(cluster, SHUTDOWN_TIMEOUT_S)
     finally:
         cluster.close()
 
 
-def _start_workers(cluster: LocalCluster, client: Client, n: int) -> None:
+def _start_workers(
+    cluster: LocalCluster, client: Client, n: int, gpu_groups: Sequence[tuple[str, ...]] = ()
+) -> None:
     """Start ``n`` workers and wait for them; a worker failing to start raises, as it would in
-    ``LocalCluster(n_workers=n)``."""
+    ``LocalCluster(n_workers=n)``. With ``gpu_groups``, worker i sees only the GPUs of group
+    i (modulo their number) and declares them as its resource GPU."""
+    for name in range(n) if gpu_groups else ():
+        if name not in cluster.worker_spec:
+            cluster.worker_spec[name] = gpu_worker_spec(
+                cluster.new_spec, gpu_groups[name % len(gpu_groups)]
+            )
     cluster.scale(n)
     correct_state = getattr(cluster, "_correct_state", None)  # raises a worker's start error
 
@@ -165,26 +219,44 @@ def _start_workers(cluster: LocalCluster, client: Client, n: int) -> None:
     client.wait_for_workers(n)
 
 
-def _stop_workers_now(cluster: LocalCluster) -> None:
-    """Stop ``cluster``'s worker processes now: ask each to stop and kill it after a moment,
-    rather than wait (seconds) for the job it is running, whose result nobody will collect."""
+def gpu_worker_spec(template: dict[str, Any], gpus: Sequence[str]) -> dict[str, Any]:
+    """A SpecCluster worker spec like ``template`` (a LocalCluster's `new_spec`), whose process
+    sees only ``gpus`` (its CUDA_VISIBLE_DEVICES, set before the worker process starts: they
+    are its cuda:0, cuda:1, ...) and declares them as its Dask resource GPU."""
+    options = dict(template.get("options", {}))
+    options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    options["resources"] = {**(options.get("resources") or {}), GPU: len(gpus)}
+    return {**template, "options": options}
+
+
+def _close_workers(cluster: LocalCluster, timeout: float) -> None:
+    """Ask each of ``cluster``'s worker processes to stop, and kill one still running after
+    ``timeout`` seconds (``cluster.close`` would give each only 4 s, and warn as it kills:
+    a worker process that has loaded torch can take longer than that to exit on a busy machine)."""
 
     async def close_nannies() -> None:
         nannies = list(cluster.workers.values())
-        await asyncio.gather(*(n.close(timeout=1) for n in nannies), return_exceptions=True)
+        await asyncio.gather(*(n.close(timeout=timeout) for n in nannies), return_exceptions=True)
 
+    with contextlib.suppress(Exception):
+        cluster.sync(close_nannies, callback_timeout=timeout + 10)
+
+
+def _stop_workers_now(cluster: LocalCluster) -> None:
+    """Stop ``cluster``'s worker processes now: ask each to stop and kill it after a moment,
+    rather than wait (seconds) for the job it is running, whose result nobody will collect."""
     nanny_log = logging.getLogger("distributed.nanny")
     level = nanny_log.level
     nanny_log.setLevel(logging.ERROR)  # not "Worker process still alive ..., killing": we know
     try:
-        with contextlib.suppress(Exception):
-            cluster.sync(close_nannies, callback_timeout=10)
+        _close_workers(cluster, timeout=1)
     finally:
         nanny_log.setLevel(level)
 
 
 @contextmanager
-def _remote(address: str, profile: RunnerProfile) -> Iterator[tuple[Client, bool]]:
+def _remote(address: str, profile: RunnerProfile, console: Console) -> Iterator[DaskSession]:
+    stage = console.begin(f"connecting to {address}")
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError) as e:
@@ -193,20 +265,16 @@ def _remote(address: str, profile: RunnerProfile) -> Iterator[tuple[Client, bool
             "and `dask worker ADDRESS`, or check the address"
         ) from e
     try:
-        advertised = _gpu_workers(client)
-        if profile.gpu is True and not advertised:
-            _say(
-                "gpu: true, but no connected worker advertises a GPU resource (start workers "
-                "with `--resources GPU=1`); jobs wait for one"
-            )
-        _setup(client, profile, [], profile.dashboard)
-        yield client, profile.gpu is True or (profile.gpu == "auto" and advertised)
+        gpu = profile.gpu is True or (profile.gpu == "auto" and _gpu_workers(client))
+        _setup(client, profile, console)
+        console.end(stage)
+        yield DaskSession(client, {GPU: profile.job_gpus()} if gpu else None, console)
     finally:
         client.close()
 
 
 @contextmanager
-def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client, bool]]:
+def _slurm(profile: RunnerProfile, opts: SlurmOptions, console: Console) -> Iterator[DaskSession]:
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
@@ -214,8 +282,17 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client,
     kwargs: dict[str, Any] = {"processes": 1, **opts.extra}
     kwargs["scheduler_options"] = {"dashboard_address": ":0", **kwargs.get("scheduler_options", {})}
     if profile.gpu is True:
-        kwargs["worker_extra_args"] = [*kwargs.get("worker_extra_args", []), "--resources", "GPU=1"]
-        kwargs["job_extra_directives"] = [*kwargs.get("job_extra_directives", []), "--gres=gpu:1"]
+        n = profile.gpus_per_worker if isinstance(profile.gpus_per_worker, int) else 1
+        kwargs["worker_extra_args"] = [
+            *kwargs.get("worker_extra_args", []),
+            "--resources",
+            f"GPU={n}",
+        ]
+        kwargs["job_extra_directives"] = [
+            *kwargs.get("job_extra_directives", []),
+            f"--gres=gpu:{n}",
+        ]
+    stage = console.begin(f"submitting {opts.jobs} Slurm worker jobs")
     cluster = SLURMCluster(
         queue=opts.queue,
         account=opts.account,
@@ -228,8 +305,11 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client,
         cluster.scale(jobs=opts.jobs)
         client = Client(cluster, set_as_default=False)
         try:
-            _setup(client, profile, [], profile.dashboard)
-            yield client, profile.gpu is True
+            _setup(client, profile, console)
+            console.end(stage)
+            yield DaskSession(
+                client, {GPU: profile.job_gpus()} if profile.gpu is True else None, console
+            )
         finally:
             client.close()
     finally:
@@ -237,14 +317,29 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions) -> Iterator[tuple[Client,
 
 
 def _gpu_workers(client: Client) -> bool:
-    workers = client.scheduler_info().get("workers", {})
-    return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(w.get("resources", {}).get(GPU, 0) >= 1 for w in workers.values())
 
 
-def _setup(client: Client, profile: RunnerProfile, gpus: list[str], dashboard: bool) -> None:
-    client.register_plugin(WorkerSetup(profile.threads_per_worker, gpus))
-    if dashboard and "dashboard" in client.scheduler_info().get("services", {}):
-        _say(f"Dask dashboard: {client.dashboard_link}")
+def dashboard_available() -> bool:
+    """Whether this process can serve Dask's dashboard (it needs bokeh)."""
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def _setup(client: Client, profile: RunnerProfile, console: Console) -> None:
+    """Register the worker setup; print the dashboard link, or why there is none.
+
+    A scheduler started here (local, slurm) serves the dashboard only with bokeh installed
+    here; an existing scheduler lists it among its services when it serves one.
+    """
+    client.register_plugin(WorkerSetup(profile.threads_per_worker))
+    if not profile.dashboard:
+        return
+    started_here = client.cluster is not None
+    if started_here and not dashboard_available():
+        console.say("  Dask dashboard unavailable: pip install bokeh")
+    elif "dashboard" in client.scheduler_info().get("services", {}):
+        console.say(f"  Dask dashboard: {client.dashboard_link}")
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -257,9 +352,12 @@ def run_dask(
     progress: Progress,
     profile: RunnerProfile,
     address: str | None = None,
+    session: RunnerSession | None = None,
 ) -> dict[str, JobResult]:
     """Results by job id, computed on Dask as ``profile`` says (``address``: an existing scheduler).
 
+    ``session`` (a command's `RunnerSession`) supplies the cluster, started on its first use and
+    kept for later plans; without one, a cluster is opened for these jobs and closed after them.
     A job failing every retry raises `ExecutionError` once the results already finished are cached.
     """
     results: dict[str, JobResult] = {}
@@ -272,11 +370,35 @@ def run_dask(
             todo[job.id] = job
         else:
             results[job.id] = hit
-            progress.update(cached=True)
-    if todo:
-        with open_client(profile, address, max_workers=len(todo)) as (client, gpu):
-            _compute(client, plan, list(todo.values()), cache, progress, profile, gpu, results)
+            progress.update(cached=True, what=_job_name(job))
+    console = progress.console
+    if todo and session is not None:
+        dask = session.dask_session(len(todo), console)
+        _compute_stage(dask, plan, list(todo.values()), cache, progress, profile, results)
+    elif todo:
+        with open_session(profile, address, len(todo), console) as dask:
+            _compute_stage(dask, plan, list(todo.values()), cache, progress, profile, results)
     return {job.id: results[job.id] for job in jobs}
+
+
+def _job_name(job: Job, seconds: float | None = None) -> str:
+    took = f" {seconds:.2f}s" if seconds is not None else ""
+    return f"job {job.id[:12]} ({job.experiment}, {len(job.rows)} rows){took}"
+
+
+def _compute_stage(
+    dask: DaskSession,
+    plan: Plan,
+    jobs: list[Job],
+    cache: ResultCache | None,
+    progress: Progress,
+    profile: RunnerProfile,
+    results: dict[str, JobResult],
+) -> None:
+    with progress.console.stage(f"running {count(len(jobs), 'job')}") as stage:
+        progress.restart()
+        _compute(dask.client, plan, jobs, cache, progress, profile, dask.resources, results)
+        stage.note = progress.summary
 
 
 def _compute(
@@ -286,20 +408,22 @@ def _compute(
     cache: ResultCache | None,
     progress: Progress,
     profile: RunnerProfile,
-    gpu: bool,
+    resources: dict[str, float] | None,
     results: dict[str, JobResult],
 ) -> None:
-    """Submit ``jobs`` and store each result as it arrives; resubmit cancelled jobs (a plan lost
-    with the workers holding it). Fails once the scheduler has had no worker for
+    """Submit ``jobs`` (each asking for ``resources``) and store each result as it arrives;
+    resubmit cancelled jobs (a plan lost with the workers holding it). Fails at once when no
+    connected worker has ``resources``, and once the scheduler has had no such worker for
     ``profile.no_worker_timeout`` seconds."""
     if not client.scheduler_info(n_workers=0).get("n_workers"):
-        _say("waiting for a Dask worker to connect")
+        progress.say("  waiting for a Dask worker to connect")
         client.wait_for_workers(1)
-    watch = WorkerWatch(client, profile.no_worker_timeout)
+    if resources:
+        _check_resources(client, resources)
+    watch = WorkerWatch(client, profile.no_worker_timeout, say=progress.say, need=resources)
     total = len(results) + len(jobs)
     shipped = plan.model_copy(update={"jobs": ()})  # workers never read plan.jobs
     plan_future = client.scatter(shipped, broadcast=True, hash=False)
-    resources = GPU if gpu else None
     cancelled: dict[str, int] = {}
 
     order = {job.id: len(jobs) - i for i, job in enumerate(jobs)}  # plan order: earlier first
@@ -330,7 +454,7 @@ def _compute(
                 except CancelledError:  # its result died with its worker before we got it
                     status = "lost"
                 else:
-                    _store(result, cache, progress, results)
+                    _store(job, result, cache, progress, results)
                     continue
             if status == "error":
                 _finish_done(pending, cache, progress, results)
@@ -363,6 +487,35 @@ def _compute(
                 client.cancel(list(pending))
 
 
+def _fits(worker: dict[str, Any], need: dict[str, float] | None) -> bool:
+    """Whether a worker (as `scheduler_info` describes it) has the resources ``need``."""
+    have = worker.get("resources") or {}
+    return all(have.get(name, 0) >= amount for name, amount in (need or {}).items())
+
+
+def _resource_text(resources: dict[str, float] | None) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted((resources or {}).items())) or "none"
+
+
+def _check_resources(client: Client, need: dict[str, float]) -> None:
+    """Raise `ExecutionError` when no connected worker has the resources ``need`` (jobs asking
+    for them would wait forever), naming what the workers have."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if any(_fits(w, need) for w in workers.values()):
+        return
+    address = getattr(client.scheduler, "address", None) or "?"
+    shown = sorted(workers.items())[:4]
+    offers = "; ".join(f"{a}: {_resource_text(w.get('resources'))}" for a, w in shown)
+    more = f"; and {len(workers) - len(shown)} more" if len(workers) > len(shown) else ""
+    wanted = _resource_text(need)
+    raise ExecutionError(
+        f"every job asks for the Dask resources {wanted} (the runner profile's gpu and "
+        f"gpus_per_job), but none of the {count(len(workers), 'worker')} at {address} has them "
+        f"({offers}{more}). Start workers with `dask worker {address} --resources "
+        f"{wanted.replace(', ', ',')}`, or lower gpus_per_job (gpu: false runs on any worker)"
+    )
+
+
 def _next_done(queue: as_completed, watch: WorkerWatch) -> Future | None:
     """The next future to finish (or fail, or be cancelled), None when none is left; checks the
     scheduler's workers while waiting (`NoWorkers`)."""
@@ -377,12 +530,14 @@ def _next_done(queue: as_completed, watch: WorkerWatch) -> Future | None:
 class NoWorkers(Exception):
     """The scheduler has had no worker for longer than the profile allows."""
 
-    def __init__(self, address: str, lost: int, waited: float):
-        super().__init__(address, lost, waited)
+    def __init__(self, address: str, lost: int, waited: float, what: str = ""):
+        super().__init__(address, lost, waited, what)
         self.address, self.lost, self.waited = address, lost, waited
+        self.what = what  # which workers count, e.g. " with GPU=1"
 
     def describe(self, done: int, total: int, cached: bool) -> str:
         who = "the only worker" if self.lost == 1 else f"all {self.lost} workers"
+        who += self.what
         kept = "finished and are cached" if cached else "finished (not cached: the cache is off)"
         return (
             f"{who} left the Dask scheduler at {self.address} and none joined within "
@@ -393,13 +548,22 @@ class NoWorkers(Exception):
 
 class WorkerWatch:
     """Watches the scheduler's worker count (asking at most once every `WORKER_CHECK_S` seconds)
-    and raises `NoWorkers` once it has been zero for ``timeout`` seconds (None: never)."""
+    and raises `NoWorkers` once it has been zero for ``timeout`` seconds (None: never). With
+    ``need`` (e.g. ``{"GPU": 1}``), only workers with those resources count: jobs that need a GPU
+    cannot go on with CPU workers alone."""
 
     def __init__(
-        self, client: Client, timeout: float | None, clock: Callable[[], float] | None = None
+        self,
+        client: Client,
+        timeout: float | None,
+        clock: Callable[[], float] | None = None,
+        say: Callable[[str], None] | None = None,
+        need: dict[str, float] | None = None,
     ):
-        self.client, self.timeout = client, timeout
+        self.client, self.timeout, self.need = client, timeout, need
+        self.what = f" with {_resource_text(need)}" if need else ""
         self.clock = clock or time.monotonic
+        self.say = say or Console().say
         self.address = str(getattr(client.scheduler, "address", None) or "?")
         self.most = 0  # the most workers seen at once
         self.since: float | None = None  # since when the scheduler has had no worker
@@ -421,25 +585,32 @@ class WorkerWatch:
         now = self.clock()
         self.next_check = now + self.every
         try:
-            info = self.client.scheduler_info(n_workers=0)
+            info = self.client.scheduler_info(n_workers=-1 if self.need else 0)
         except OSError as e:  # the scheduler itself is gone
             raise ExecutionError(
                 f"lost the connection to the Dask scheduler at {self.address}: {e}"
             ) from e
-        n = int(info.get("n_workers", len(info.get("workers", {}))))
+        if self.need:
+            n = sum(_fits(w, self.need) for w in info.get("workers", {}).values())
+        else:
+            n = int(info.get("n_workers", len(info.get("workers", {}))))
         self.most = max(self.most, n)
         if n:
             self.since = None
         elif self.since is None:
             self.since = now
             limit = f"up to {self.timeout:g} s " if self.timeout is not None else ""
-            _say(f"no Dask worker left at {self.address}; waiting {limit}for one to join")
+            self.say(
+                f"  no Dask worker{self.what} left at {self.address}; waiting {limit}"
+                "for one to join"
+            )
         elif self.timeout is not None and now - self.since >= self.timeout:
-            raise NoWorkers(self.address, max(self.most, 1), self.timeout)
+            raise NoWorkers(self.address, max(self.most, 1), self.timeout, self.what)
         return n
 
 
 def _store(
+    job: Job,
     result: JobResult,
     cache: ResultCache | None,
     progress: Progress,
@@ -448,7 +619,7 @@ def _store(
     if cache is not None:
         cache.put(result)
     results[result.job_id] = result
-    progress.update()
+    progress.update(what=_job_name(job, result.seconds))
 
 
 def _finish_done(
@@ -459,12 +630,12 @@ def _finish_done(
 ) -> None:
     """Cache the results that finished but were not collected yet (before raising)."""
     for future in [f for f in pending if f.status == "finished"]:
-        pending.pop(future)
+        job = pending.pop(future)
         try:
             result = future.result()
         except CancelledError:  # lost with its worker meanwhile
             continue
-        _store(result, cache, progress, results)
+        _store(job, result, cache, progress, results)
 
 
 def _failure(job: Job, cause: BaseException | None, retries: int) -> ExecutionError:

@@ -4,8 +4,9 @@ scheduler, Slurm). Loaded from YAML (``runners/*.yaml``) or built in Python."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,12 +18,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mi_spec.errors import SpecError, SpecIssue
+from mi_spec.errors import ExecutionError, SpecError, SpecIssue
 from mi_spec.spec.load import load_yaml
 from mi_spec.spec.locate import issue_at, issues_from_validation_error
 
 BUNDLED_DIR = Path(__file__).parent / "runners"  # the source of truth for bundled profiles
-BUNDLED = ("synchronous", "local", "cluster", "slurm")
+BUNDLED = ("synchronous", "local", "gpu", "gpu_sharded", "cluster", "slurm")
 _RULE = "profile_rule"  # error type of the cross-field checks, located at ctx["field"]
 
 
@@ -92,8 +93,22 @@ class RunnerProfile(BaseModel):
     )
     gpu: Literal[True, False, "auto"] = Field(
         "auto",
-        description="Request the Dask resource GPU=1 per job; auto: when CUDA is available "
-        "(local) or a worker advertises a GPU resource (cluster)",
+        description="Run each job on GPUs it holds alone (the Dask resource GPU=gpus_per_job); "
+        "auto: when CUDA is available (local) or a worker advertises a GPU resource (cluster)",
+    )
+    gpus_per_worker: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        None,
+        description="local, slurm: GPUs each worker process sees (local: its own "
+        "CUDA_VISIBLE_DEVICES) and declares as its Dask resource GPU; 'all' (local): one "
+        "worker holding every GPU, for a model sharded with model.device_map: auto. "
+        "Default 1: one worker per GPU",
+    )
+    gpus_per_job: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs each job holds (the Dask resource GPU=n it asks for). Default: all "
+        "of its worker's (gpus_per_worker; 1 on kind: cluster); a job no worker can hold "
+        "fails at once",
     )
     slurm: SlurmOptions | None = Field(None, description="slurm: the SLURMCluster settings")
     dashboard: bool = Field(True, description="Serve (local) and print the Dask dashboard link")
@@ -108,15 +123,66 @@ class RunnerProfile(BaseModel):
             _fail("kind", "kind: slurm needs a `slurm` section (cores, memory, ...)")
         if self.slurm is not None and self.kind != "slurm":
             _fail("slurm", f"`slurm` is only used by kind: slurm (this is {self.kind})")
+        self._gpu_fields()
         return self
 
+    def _gpu_fields(self) -> None:
+        per_worker, per_job = self.gpus_per_worker, self.gpus_per_job
+        unused = (
+            self.gpu is False
+            or self.kind == "synchronous"
+            or (self.kind == "slurm" and self.gpu is not True)  # auto: no GPUs on Slurm
+        )
+        for field, value in (("gpus_per_worker", per_worker), ("gpus_per_job", per_job)):
+            if value is not None and unused:
+                _fail(
+                    field,
+                    f"`{field}` is only used on Dask with gpu: true (or auto, except on Slurm)",
+                )
+        if per_worker is not None and self.kind == "cluster":
+            _fail(
+                "gpus_per_worker",
+                "kind: cluster uses the workers you started: give them `--resources GPU=n` "
+                "and set gpus_per_job",
+            )
+        if per_worker == "all" and self.kind != "local":
+            _fail(
+                "gpus_per_worker", f"gpus_per_worker: all needs kind: local (this is {self.kind})"
+            )
+        if isinstance(per_worker, int) and per_job is not None and per_job > per_worker:
+            _fail(
+                "gpus_per_job",
+                f"gpus_per_job: {per_job} is more than a worker has (gpus_per_worker: {per_worker})",
+            )
+
     def local_workers(self, gpus: int) -> int:
-        """Worker processes for an embedded cluster: ``workers``, or one per GPU, or per cores."""
+        """Worker processes for an embedded cluster: ``workers``, or one per GPU group (of
+        `gpu_groups`), or per cores."""
         if self.workers is not None:
             return self.workers
         if gpus:
-            return gpus
+            return len(self.gpu_groups([str(i) for i in range(gpus)]))
         return max(1, (os.cpu_count() or 1) // self.threads_per_worker)
+
+    def gpu_groups(self, devices: Sequence[str]) -> list[tuple[str, ...]]:
+        """``devices`` (CUDA device ids) split into the GPU sets of local workers:
+        `gpus_per_worker` each (every device, for ``all``); devices left over are unused."""
+        per = len(devices) if self.gpus_per_worker == "all" else (self.gpus_per_worker or 1)
+        if per > len(devices):
+            raise ExecutionError(
+                f"the runner profile gives each worker {per} GPUs (gpus_per_worker), but "
+                f"{len(devices)} {'is' if len(devices) == 1 else 'are'} visible here"
+            )
+        return [tuple(devices[i : i + per]) for i in range(0, len(devices) - per + 1, per)]
+
+    def job_gpus(self, worker_gpus: int | None = None) -> int:
+        """GPUs a job asks for: `gpus_per_job`, else all of a worker's (``worker_gpus``: a local
+        worker's count, for ``gpus_per_worker: all``)."""
+        if self.gpus_per_job is not None:
+            return self.gpus_per_job
+        if isinstance(self.gpus_per_worker, int):
+            return self.gpus_per_worker
+        return worker_gpus or 1
 
 
 def _fail(field: str, message: str) -> None:

@@ -21,5 +21,6 @@ def run_synchronous(
         if cache and hit is None:
             cache.put(result)
         results[job.id] = result
-        progress.update(cached=hit is not None)
+        took = "" if hit else f" {result.seconds:.2f}s"
+        progress.update(cached=hit is not None, what=f"job {job.id[:12]} ({job.experiment}){took}")
     return results

@@ -51,8 +51,8 @@ class KillOnFirstResult(Progress):
         super().__init__(total)
         self.clusters, self.killed = clusters, None
 
-    def update(self, n: int = 1, cached: bool = False) -> None:
-        super().update(n, cached)
+    def update(self, n: int = 1, cached: bool = False, what: str | None = None) -> None:
+        super().update(n, cached, what)
         if self.killed is None and not cached:
             cluster = self.clusters[-1]
             busy = {w.address for w in list(cluster.scheduler.workers.values()) if w.processing}
@@ -151,19 +151,17 @@ def test_worker_setup_sets_torch_threads_and_quiets_transformers(scheduler):
         ):
             task = client.submit(with_torch_threads, threads, probe, pure=False)
             assert task.result() == (threads, "error")
-            assert gpu is False
+            assert gpu is None  # no worker advertises a GPU: jobs ask for no resources
 
 
 def test_worker_setup_plugin(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     threads = torch.get_num_threads()
     try:
         worker = type("FakeWorker", (), {"name": 3})()  # LocalCluster names workers 0, 1, ...
-        dask_runner.WorkerSetup(3, gpus=("3", "5")).setup(worker)
+        dask_runner.WorkerSetup(3).setup(worker)
         assert torch.get_num_threads() == 3
         assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # worker 3 of 2 GPUs: the second
     finally:
         torch.set_num_threads(threads)
 
@@ -249,9 +247,14 @@ def test_slurm_profile_drives_a_slurm_cluster(study, monkeypatch):
     assert (seen["cores"], seen["memory"], seen["processes"], seen["scaled"][0]) == (2, "1GB", 1, 1)
     assert seen["job_extra_directives"] == ["-x"]
     with open_client(profile.model_copy(update={"gpu": True})) as (_, gpu):
-        assert gpu is True
+        assert gpu == {"GPU": 1}
     assert FakeSLURMCluster.seen["job_extra_directives"] == ["-x", "--gres=gpu:1"]
     assert FakeSLURMCluster.seen["worker_extra_args"] == ["--resources", "GPU=1"]
+    two = RunnerProfile(kind="slurm", slurm=slurm, gpu=True, gpus_per_worker=2, dashboard=False)
+    with open_client(two) as (_, gpu):
+        assert gpu == {"GPU": 2}  # a job holds both GPUs of its Slurm job
+    assert FakeSLURMCluster.seen["job_extra_directives"] == ["-x", "--gres=gpu:2"]
+    assert FakeSLURMCluster.seen["worker_extra_args"] == ["--resources", "GPU=2"]
 
 
 # --- losing workers ---------------------------------------------------------------------------
@@ -298,8 +301,8 @@ class ScaleToZeroOnFirstResult(Progress):
         super().__init__(total)
         self.cluster, self.closed = cluster, False
 
-    def update(self, n: int = 1, cached: bool = False) -> None:
-        super().update(n, cached)
+    def update(self, n: int = 1, cached: bool = False, what: str | None = None) -> None:
+        super().update(n, cached, what)
         if not self.closed and not cached:
             self.closed = True
             self.cluster.scale(0)  # asynchronous: the workers close while the study goes on
@@ -374,3 +377,33 @@ def test_a_job_killing_its_worker_is_an_execution_error_naming_it(study, monkeyp
     ), message
     assert "out of memory" in message and type(err.value.__cause__).__name__ == "KilledWorker"
     assert cache.puts == 3 and all(cache.get(j.id) for j in plan.jobs[:3])
+
+
+def test_dashboard_link_only_when_it_can_be_served(monkeypatch):
+    """A scheduler started here serves the dashboard only with bokeh: the link, or how to get it."""
+    import io
+    from types import SimpleNamespace
+
+    from mi_spec.schedule.progress import Console
+
+    def said(available: bool, here: bool, services: dict, dashboard: bool = True) -> str:
+        monkeypatch.setattr(dask_runner, "dashboard_available", lambda: available)
+        client = SimpleNamespace(
+            cluster=object() if here else None,
+            register_plugin=lambda plugin: None,
+            scheduler_info=lambda: {"services": services},
+            dashboard_link="http://127.0.0.1:8787/status",
+        )
+        out = io.StringIO()
+        profile = RunnerProfile(dashboard=dashboard)
+        dask_runner._setup(client, profile, Console(out))
+        return out.getvalue()
+
+    link = "  Dask dashboard: http://127.0.0.1:8787/status\n"
+    assert said(True, True, {"dashboard": 8787}) == link
+    assert said(False, True, {"dashboard": 8787}) == (
+        "  Dask dashboard unavailable: pip install bokeh\n"
+    )
+    assert said(False, False, {"dashboard": 8787}) == link  # served by the existing scheduler
+    assert said(True, False, {}) == ""  # an existing scheduler without one
+    assert said(True, True, {"dashboard": 8787}, dashboard=False) == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import mi_spec
-from mi_spec.errors import MiSpecError, SpecError
+from mi_spec.errors import ExecutionError, MiSpecError, SpecError
 from mi_spec.schedule import dispatch
 from mi_spec.schedule.profiles import (
     BUNDLED,
@@ -18,8 +18,10 @@ from mi_spec.schedule.profiles import (
     load_profile,
     profile_schema,
 )
+from mi_spec.schedule.progress import Progress
 
 REPO = Path(mi_spec.__file__).parents[1]
+KIND = {"gpu": "local", "gpu_sharded": "local"}  # bundled profiles not named after their kind
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -37,7 +39,7 @@ def issues(path: Path) -> list[str]:
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_profiles_load_and_repo_copies_are_identical(name):
     profile = load_profile(name)
-    assert profile.kind == name
+    assert profile.kind == KIND.get(name, name)
     shipped = (BUNDLED_DIR / f"{name}.yaml").read_text()
     assert (REPO / "runners" / f"{name}.yaml").read_text() == shipped
     assert shipped.startswith("# yaml-language-server: $schema=../schemas/runner.schema.json\n")
@@ -163,6 +165,54 @@ def test_default_local_workers(monkeypatch):
     assert RunnerProfile(workers=3).local_workers(gpus=2) == 3
 
 
+def test_gpu_profiles():
+    per_gpu, sharded = load_profile("gpu"), load_profile("gpu_sharded")
+    assert (per_gpu.gpu, per_gpu.gpus_per_worker, sharded.gpus_per_worker) == (True, 1, "all")
+    devices = ["0", "1", "2", "3", "4"]
+    assert per_gpu.gpu_groups(devices) == [("0",), ("1",), ("2",), ("3",), ("4",)]
+    assert sharded.gpu_groups(devices) == [tuple(devices)]
+    assert (per_gpu.local_workers(gpus=5), sharded.local_workers(gpus=5)) == (5, 1)
+    assert (per_gpu.job_gpus(1), sharded.job_gpus(5)) == (1, 5)
+    pairs = RunnerProfile(gpu=True, gpus_per_worker=2)  # the fifth GPU is left unused
+    assert pairs.gpu_groups(devices) == [("0", "1"), ("2", "3")] and pairs.local_workers(5) == 2
+    assert RunnerProfile(gpus_per_worker=2, gpus_per_job=1).job_gpus() == 1
+    assert RunnerProfile(kind="cluster", address="tcp://h:1", gpus_per_job=4).job_gpus() == 4
+    assert RunnerProfile(kind="cluster", address="tcp://h:1").job_gpus() == 1
+    with pytest.raises(ExecutionError, match="each worker 2 GPUs .* but 1 is visible here"):
+        pairs.gpu_groups(["0"])
+
+
+def test_gpu_fields_are_checked_and_located(tmp_path):
+    path = write(tmp_path, "kind: local\ngpus_per_worker: 2\ngpus_per_job: 3\n")
+    assert issues(path) == [
+        f"{path}:3:1: gpus_per_job: gpus_per_job: 3 is more than a worker has (gpus_per_worker: 2)"
+    ]
+    path = write(tmp_path, "kind: local\ngpus_per_worker: 0\ngpus_per_job: 0\n")
+    found = issues(path)
+    assert found[0].startswith(f"{path}:2:18: gpus_per_worker: ")
+    assert found[-1].startswith(f"{path}:3:15: gpus_per_job: ")
+    path = write(tmp_path, "kind: local\ngpus_per_worker: some\n")
+    assert issues(path)[0].startswith(f"{path}:2:18: gpus_per_worker: ")
+    path = write(tmp_path, "kind: cluster\naddress: tcp://h:1\ngpus_per_worker: 2\n")
+    assert issues(path) == [
+        f"{path}:3:1: gpus_per_worker: kind: cluster uses the workers you started: give them "
+        "`--resources GPU=n` and set gpus_per_job"
+    ]
+    path = write(
+        tmp_path, "kind: slurm\ngpu: true\ngpus_per_worker: all\nslurm: {cores: 1, memory: 1GB}\n"
+    )
+    assert issues(path) == [
+        f"{path}:3:1: gpus_per_worker: gpus_per_worker: all needs kind: local (this is slurm)"
+    ]
+    path = write(tmp_path, "gpu: false\ngpus_per_job: 1\n")
+    assert issues(path) == [
+        f"{path}:2:1: gpus_per_job: `gpus_per_job` is only used on Dask with gpu: true (or "
+        "auto, except on Slurm)"
+    ]
+    path = write(tmp_path, "kind: slurm\ngpus_per_worker: 2\nslurm: {cores: 1, memory: 1GB}\n")
+    assert issues(path)[0].startswith(f"{path}:2:1: gpus_per_worker: `gpus_per_worker` is only")
+
+
 def test_slurm_without_dask_jobqueue_says_how_to_install(monkeypatch):
     from mi_spec.schedule.dask_runner import open_client
 
@@ -179,9 +229,9 @@ def test_dispatch_picks_the_runner(monkeypatch):
     monkeypatch.setattr(dispatch, "run_synchronous", lambda *a: calls.append("sync") or {})
     monkeypatch.setattr(
         "mi_spec.schedule.dask_runner.run_dask",
-        lambda *a, address=None: calls.append(f"dask:{address}") or {},
+        lambda *a, address=None, session=None: calls.append(f"dask:{address}") or {},
     )
-    args = (None, [], None, None)
+    args = (None, [], None, Progress(0))
     dispatch.run_plan(*args, RunnerProfile(kind="synchronous"))
     dispatch.run_plan(*args, RunnerProfile(kind="local"))
     dispatch.run_plan(*args, RunnerProfile(kind="synchronous"), address="tcp://h:1")

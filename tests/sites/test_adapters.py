@@ -19,7 +19,7 @@ from mi_spec.errors import ResolveError, SpecError
 from mi_spec.execute.engine import Engine, Read, Write
 from mi_spec.execute.site_check import check_sites
 from mi_spec.execute.worker import loaded_for
-from mi_spec.models.load import weights_hash
+from mi_spec.models.identity import files_identity, hf_weight_files
 from mi_spec.sites.adapter import adapter_for, bind_site
 from mi_spec.sites.vocabulary import Site, SiteSyntaxError, expand_patterns, parse_site
 from mi_spec.tracking.base import InMemoryTracker
@@ -301,7 +301,7 @@ def test_local_hf_directory_loads_and_patches_like_hooks(tmp_path):
     plan, state = result.plan, loaded_for(result.plan)
     assert type(state.model.module).__name__ == "LlamaForCausalLM"
     assert state.model.adapter.name == "llama" and state.model.hf_dir == str(tmp_path / "llama")
-    assert plan.model.weights_hash == weights_hash(model)
+    assert plan.model.weights_hash == files_identity(hf_weight_files(tmp_path / "llama"))
     assert plan.dims["n_kv_heads"] == 2 and plan.dims["n_heads"] == 4
     clean, values = reference_sweep(state.model.module, plan, state.data, "kv", positions_of)
     assert len(values) == 18
