@@ -14,7 +14,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mi_spec.data.positions import resolve_role
+from mi_spec.data.positions import (
+    BUILTIN,
+    aligned,
+    resolve_role,
+    source_data,
+    source_metric_positions,
+)
 from mi_spec.errors import MiSpecError, SpecIssue
 from mi_spec.plan.ir import Plan
 from mi_spec.spec.locate import issue_at
@@ -59,7 +65,11 @@ def check_data(study: Study, plan: Plan) -> list[SpecIssue]:
     """Every problem the dataset would cause in ``run``, located in the hypothesis file."""
     issues = [
         issue_at(study.doc, where, found.message(len(study.data)))
-        for where, found in [*_token_checks(study, plan), *_role_checks(study, plan)]
+        for where, found in [
+            *_token_checks(study, plan),
+            *_role_checks(study, plan),
+            *_source_checks(study, plan),
+        ]
         if found.bad
     ]
     issues += _variable_checks(study)
@@ -87,12 +97,12 @@ def _token_checks(study: Study, plan: Plan) -> Iterator[tuple[tuple, _Rows]]:
             )
             continue
         lists: list[Any] = []
-        for r, v in enumerate(values):
-            if not isinstance(v, list) or not v or not all(_is_id(t) for t in v):
-                found.add(r, f"expected a non-empty list of token ids, found {str(v)[:40]!r}")
+        for r in range(len(values)):
+            try:  # token ids, or text tokenized like the base text
+                lists.append(study.data.token_rows(column, [r])[0])
+            except MiSpecError as e:
+                found.add(r, str(e).replace(f"data row {r}: column {column!r} ", ""))
                 lists.append([])
-            else:
-                lists.append(v)
         yield where, found
         yield where, _token_rows(study, lists, f"source column {column!r}")
 
@@ -122,12 +132,16 @@ def _token_rows(study: Study, rows: Iterable[Iterable[int]], what: str) -> _Rows
 def _role_checks(study: Study, plan: Plan) -> Iterator[tuple[tuple, _Rows]]:
     """Every role a job or the metric uses, in every row; the metric's columns."""
     metric = study.spec.metric
-    positions = yield from _check_role(study, metric.at, ("metric", "at"))
+    positions = yield from _check_role(study, metric.at, ("metric", "at"), same_count=False)
     if metric.target is None and positions is not None:
         found = _Rows(f"metric {metric.kind} at {metric.at!r} scores the next token")
+        every = metric.at == "all" and study.positions.get("all") == BUILTIN["all"]
         for r, ps in enumerate(positions):
-            if ps and max(ps) + 1 >= study.data.lengths[r]:
-                found.add(r, f"no token after position {max(ps)} (length {study.data.lengths[r]})")
+            n = study.data.lengths[r]
+            if every and n < 2:
+                found.add(r, "1 token, so no next token anywhere")
+            elif not every and ps and max(ps) + 1 >= n:
+                found.add(r, f"no token after position {max(ps)} (length {n})")
         found.what += ", which these rows lack; score an earlier position or give metric.target"
         yield ("metric", "at"), found
     for name in ("target", "wrong"):
@@ -139,8 +153,11 @@ def _role_checks(study: Study, plan: Plan) -> Iterator[tuple[tuple, _Rows]]:
         yield from _check_role(study, role, where)
 
 
-def _check_role(study: Study, role: str | int, where: tuple) -> Iterator[tuple[tuple, _Rows]]:
-    """Resolve ``role`` in every row; yields what failed, returns the positions (None if any failed)."""
+def _check_role(
+    study: Study, role: str | int, where: tuple, same_count: bool = True
+) -> Iterator[tuple[tuple, _Rows]]:
+    """Resolve ``role`` in every row; yields what failed, returns the positions (None if any
+    failed). ``same_count``: the role must give every row the same number of positions."""
     if isinstance(role, str) and role not in study.positions:
         known = ", ".join(sorted(study.positions))
         yield where, _Rows.field_problem(f"unknown position {role!r}; named positions: {known}")
@@ -159,7 +176,7 @@ def _check_role(study: Study, role: str | int, where: tuple) -> Iterator[tuple[t
     counts: dict[int, list[int]] = {}
     for r, ps in enumerate(out):
         counts.setdefault(len(ps), []).append(r)
-    if len(counts) > 1 and role != "all":
+    if same_count and len(counts) > 1 and role != "all":
         mixed = _Rows(
             f"position {role!r} resolves to different numbers of positions across rows "
             f"({sorted(counts)}); a role must have the same shape in every row"
@@ -173,15 +190,80 @@ def _check_role(study: Study, role: str | int, where: tuple) -> Iterator[tuple[t
     return out
 
 
+def _source_checks(study: Study, plan: Plan) -> Iterator[tuple[tuple, _Rows]]:
+    """Every (base row, source) pair a job patches: each intervention role lines up (as many
+    positions in both; every-position patches need equal lengths) and the source run can be
+    scored (the metric role resolves in the source)."""
+    table, data, metric = study.positions, study.data, study.spec.metric
+    index = {e.label: i for i, e in enumerate(study.spec.experiments)}
+    seen: dict[tuple, _Rows] = {}
+    for job in plan.jobs:
+        if job.source not in ("rows", "column") or job.experiment not in index:
+            continue
+        where = ("experiments", index[job.experiment])
+        column = job.source_column if job.source == "column" else None
+        try:
+            src, src_rows = source_data(data, table, list(job.rows), column, job.source_rows)
+        except MiSpecError:
+            continue  # reported by the source column's own check
+        roles = {i.pos for v in job.variants for i in v.interventions}
+        for r, s in zip(job.rows, src_rows, strict=True):
+            for role in sorted(roles, key=str):
+                key = (*where, "role", str(role))
+                if role is None:
+                    found = seen.setdefault(key, _Rows(_WHOLE))
+                    if data.lengths[r] != src.lengths[s]:
+                        found.add(r, f"{data.lengths[r]} tokens, its source {src.lengths[s]}")
+                    continue
+                found = seen.setdefault(key, _Rows(f"source of position {role!r}"))
+                try:
+                    aligned(role, table, data, [r], src, [s])
+                except MiSpecError as e:
+                    found.add(r, _short(str(e), r))
+            if job.op in ("patch", "path_patch", "attribution"):
+                found = seen.setdefault((*where, "metric"), _Rows("the source run's metric"))
+                try:
+                    source_metric_positions(metric, table, data, [r], src, [s])
+                except MiSpecError as e:
+                    found.add(r, _short(str(e), r))
+    for key, found in seen.items():
+        yield key[:2], found
+
+
+_WHOLE = (
+    "patching every position ('all') from a source of another length would shift positions; "
+    "patch roles (named positions), which align by role"
+)
+
+
+def _short(message: str, row: int) -> str:
+    """An error message about data row ``row`` without the row (the report names it)."""
+    return message.replace(f" in data row {row}", "").replace(f"data row {row}", "the row")
+
+
 def _metric_column(study: Study, column: str, positions: list[list[int]]) -> _Rows:
     found = _Rows(f"metric column {column!r} must hold a token id (or one per position)")
     values = study.data.columns.get(column)
     if values is None:
         columns = ", ".join(sorted(study.data.columns)) or "none"
         return _Rows.field_problem(f"no column {column!r} in the data; columns: {columns}")
+    if study.spec.metric.numeric:  # mse/mae: a number per row (or per position)
+        found = _Rows(f"metric column {column!r} must hold a number (or one per position)")
+        for r, (value, ps) in enumerate(zip(values, positions, strict=True)):
+            nums = value if isinstance(value, list) else [value]
+            ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in nums)
+            if not ok or (isinstance(value, list) and len(nums) != len(ps)):
+                found.add(r, f"found {str(value)[:40]!r} for {len(ps)} position(s)")
+        return found
     vocab = study.dims.d_vocab
     for r, (value, ps) in enumerate(zip(values, positions, strict=True)):
         ids = value if isinstance(value, list) else [value]
+        if study.data.encode is not None:  # text targets: one token each
+            try:
+                ids = [study.data.token_id(v, "") if isinstance(v, str) else v for v in ids]
+            except MiSpecError as e:
+                found.add(r, str(e).lstrip(": "))
+                continue
         if not all(_is_id(v) for v in ids) or (isinstance(value, list) and len(ids) != len(ps)):
             found.add(r, f"found {str(value)[:40]!r} for {len(ps)} position(s)")
         elif not all(0 <= v < vocab for v in ids):

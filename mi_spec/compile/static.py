@@ -33,7 +33,7 @@ from mi_spec.errors import MiSpecError, SpecError, SpecIssue
 from mi_spec.sites.vocabulary import SiteSyntaxError, expand_patterns, split_position
 from mi_spec.spec.load import LoadedDoc
 from mi_spec.spec.locate import issue_at
-from mi_spec.spec.refs import import_ref, module_file
+from mi_spec.spec.refs import import_ref, is_ref, module_file
 
 from .resolve import load_spec
 from .spec import Spec
@@ -78,6 +78,8 @@ def _references(spec: Spec) -> Iterator[tuple[tuple, str]]:
         yield ("model", "factory"), spec.model.factory
     if spec.data.generator:
         yield ("data", "generator"), spec.data.generator
+    if spec.data.tokenizer and is_ref(spec.data.tokenizer):  # a tokenizer built by code
+        yield ("data", "tokenizer"), spec.data.tokenizer
     for name, var in spec.variables.items():
         if var.fn:
             yield ("variables", name, "fn"), var.fn
@@ -158,7 +160,7 @@ def _check_files(spec: Spec, doc: LoadedDoc) -> list[SpecIssue]:
         (("model", "checkpoint"), spec.model.checkpoint),
         (("model", "hf"), spec.model.hf),
         (("data", "path"), spec.data.path),
-        (("data", "tokenizer"), spec.data.tokenizer),
+        (("data", "tokenizer"), None if is_ref(spec.data.tokenizer or "") else spec.data.tokenizer),
     ]
     adapter = spec.model.adapter
     if isinstance(adapter, str) and adapter.endswith((".yaml", ".yml")):

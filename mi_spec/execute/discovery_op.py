@@ -484,4 +484,4 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_of(t: Targets, idx: torch.Tensor) -> Targets:
-    return Targets(t.pos[idx], t.target[idx], None if t.wrong is None else t.wrong[idx])
+    return t.rows(idx)

@@ -3,6 +3,12 @@
 Sites are visited in the model's forward order (learned once by a probe pass), whatever order a job
 lists them in. Reads are copies, so later writes never alias them. Writes replace the activation by
 an edited copy. nnsight installs its hooks for the trace and removes them when it ends, also on error.
+
+Padding: callers always pass right-padded batches and positions index each row's own tokens. With
+``padding_side="left"`` the engine moves each row's padding to the left for the forward pass, with
+``position_ids`` counted from the attention mask (so absolute-position models such as GPT-2 see each
+token at its own position), shifts every read and write by the row's padding, and hands logits and
+whole-sequence reads back right-padded: results do not depend on the padding side.
 """
 
 from __future__ import annotations
@@ -75,12 +81,31 @@ def probe_order(
 class Engine:
     """A model wrapped with nnsight, plus its forward order."""
 
-    def __init__(self, model: torch.nn.Module, sample: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, sample: torch.Tensor, padding_side: str = "right"):
         self.model = model
         self.nn = NNsight(model)
         self.order, self.calls = probe_order(model, sample)
         self.pass_mask = _accepts_mask(model)
+        self.pass_positions = _accepts(model, "position_ids")
         self.device = next(model.parameters()).device
+        self.padding_side = padding_side
+
+    def _inputs(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Layout | None]:
+        """The forward's ids and keyword inputs, and the left-padding layout (None: as given)."""
+        layout = _Layout.of(mask) if self.padding_side == "left" else None
+        if layout is None:
+            return ids, ({"attention_mask": mask} if self.pass_mask else {}), None
+        if not (self.pass_mask and self.pass_positions):
+            raise ExecutionError(
+                f"data.padding_side: left needs a model whose forward takes attention_mask and "
+                f"position_ids; {type(self.model).__name__} does not (use padding_side: right)"
+            )
+        mask = layout.to_left(mask)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = {"attention_mask": mask, "position_ids": positions}
+        return layout.to_left(ids), kwargs, layout
 
     def check_binding(self, site: SiteBinding) -> None:
         """A site must name a module that runs exactly once per forward."""
@@ -115,7 +140,16 @@ class Engine:
             self.check_binding(_binding_of(by_site[key]))
         ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
         out: dict[Any, Any] = {}
-        kwargs = {"attention_mask": mask} if self.pass_mask else {}
+        ids, kwargs, layout = self._inputs(ids, mask)
+        if layout is not None:
+            reads = [layout.read(r) for r in reads]
+            writes = [layout.write(w) for w in writes]
+            by_site = defaultdict(lambda: ([], []))
+            for r in reads:
+                by_site[(r.site.module, r.site.io)][0].append(r)
+            for w in writes:
+                by_site[(w.site.module, w.site.io)][1].append(w)
+            ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
         try:
             with torch.no_grad(), self.nn.trace(ids, **kwargs):
                 for (module, io), (site_reads, site_writes) in ordered:
@@ -134,7 +168,12 @@ class Engine:
         except Exception as e:
             names = ", ".join(sorted({_binding_of(v).name for v in by_site.values()}))
             raise _failed("forward pass with sites", names, e) from e
-        return _logits_of(out.pop("__logits__")), out
+        logits = _logits_of(out.pop("__logits__"))
+        if layout is not None:
+            logits = layout.to_right(logits)
+            whole = {r.key for r in reads if r.pos is None}
+            out = {k: layout.to_right(v) if k in whole else v for k, v in out.items()}
+        return logits, out
 
     def run_with_grad(
         self, ids: torch.Tensor, mask: torch.Tensor, sites: Sequence[SiteBinding]
@@ -150,13 +189,19 @@ class Engine:
         for s in sites:
             self.check_binding(s)
         acts: dict[Any, torch.Tensor] = {}
-        kwargs = {"attention_mask": mask} if self.pass_mask else {}
+        ids, kwargs, layout = self._inputs(ids, mask)
         try:
             with torch.enable_grad(), self.nn.trace(ids, **kwargs):
                 for module, io in keys:
                     env = self.envoy(module)
                     act = env.input if io == "input" else env.output
-                    if (module, io) in shared:
+                    if layout is not None:  # the model reads the site through a right-padded copy
+                        right = layout.to_right(act.clone())
+                        if not right.requires_grad:
+                            right = right.detach().requires_grad_(True)
+                        replace(env, io, act, layout.to_left(right), (module, io) in shared)
+                        act = right
+                    elif (module, io) in shared:
                         if not act.requires_grad:
                             act.add_(torch.zeros_like(act, requires_grad=True))
                     elif not act.requires_grad or io == "input":
@@ -170,7 +215,8 @@ class Engine:
         except Exception as e:
             names = ", ".join(sorted(f"{m}.{io}" for m, io in keys))
             raise _failed("gradient pass over", names, e) from e
-        return acts, _logits_of(acts.pop("__logits__"))
+        logits = _logits_of(acts.pop("__logits__"))
+        return acts, logits if layout is None else layout.to_right(logits)
 
     def envoy(self, path: str) -> Any:
         """The nnsight envoy of the module at dotted ``path``."""
@@ -202,10 +248,62 @@ def replace(env: Any, io: str, act: torch.Tensor, new: torch.Tensor, in_place: b
 
 def _accepts_mask(model: torch.nn.Module) -> bool:
     """Whether ``model.forward`` takes ``attention_mask`` (HF models and the zoo do)."""
+    return _accepts(model, "attention_mask")
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes keyword ``name`` (or any keyword)."""
     params = inspect.signature(model.forward).parameters
-    return "attention_mask" in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    )
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Left padding of a right-padded batch: row b moves right by ``shift[b]`` (its pad count)."""
+
+    shift: torch.Tensor  # [B]
+    left_from: torch.Tensor  # [B, T]: left[b, j] = right[b, left_from[b, j]]
+    right_from: torch.Tensor  # [B, T]: right[b, p] = left[b, right_from[b, p]]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> _Layout | None:
+        """The layout for ``mask`` (right-padded), or None when no row is padded."""
+        width = mask.shape[1]
+        shift = width - mask.sum(1).long()
+        if not bool(shift.any()):
+            return None
+        j = torch.arange(width, device=mask.device)[None, :]
+        return cls(shift, (j - shift[:, None]) % width, (j + shift[:, None]) % width)
+
+    def _move(
+        self, x: torch.Tensor, index: torch.Tensor, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        index = index[rows].to(x.device)
+        if x.dim() == 2:
+            return x.gather(1, index)
+        if x.shape[0] == 1 and index.shape[0] > 1:
+            x = x.expand(index.shape[0], *x.shape[1:])
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def to_left(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return self._move(x, self.left_from, rows)
+
+    def to_right(self, x: torch.Tensor) -> torch.Tensor:
+        return self._move(x, self.right_from)
+
+    def read(self, r: Read) -> Read:
+        if r.pos is None:
+            return r
+        return Read(r.key, r.site, r.pos.to(self.shift.device) + self.shift[:, None])
+
+    def write(self, w: Write) -> Write:
+        if w.pos is not None:
+            pos = w.pos.to(self.shift.device) + self.shift[w.rows][:, None]
+            return Write(w.site, w.rows, pos, w.value)
+        value = w.value
+        if value.dim() == 3:  # a whole sequence per row (or one broadcast over rows)
+            value = self.to_left(value, w.rows)
+        return Write(w.site, w.rows, None, value)
 
 
 def _binding_of(pair: tuple[list[Read], list[Write]]) -> SiteBinding:

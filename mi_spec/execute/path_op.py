@@ -47,9 +47,9 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, Read, Write
-from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score
+from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score, source_targets
 from mi_spec.execute.ops import register_op
-from mi_spec.execute.run_job import Batch, make_batch, source_values
+from mi_spec.execute.run_job import Batch, job_source, make_batch, source_values
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.plan.path_pairs import Pairs, Role, source_stage_rows
 from mi_spec.sites.adapter import SiteBinding
@@ -272,7 +272,12 @@ class _PathRun:
             else:
                 picked_p = picked
             n, k = self.targets.pos.shape
-            at = Targets(torch.arange(k).expand(n, k), self.targets.target, self.targets.wrong)
+            at = Targets(
+                torch.arange(k).expand(n, k),
+                self.targets.target,
+                self.targets.wrong,
+                self.targets.valid,
+            )
             self.out[p] = [score(self.kind, picked_p, at, self.clean_logp)]
 
     def _pass3(self, lo: int, hi: int, b: int, order3: list[int]) -> None:
@@ -340,7 +345,6 @@ def _source_pass(
     if job.source not in ("rows", "column"):
         return source_values(job, plan, table, engine, data, base, keys)[0], None
     metric = MetricSection.model_validate(plan.metric)
-    targets = make_targets(metric, data, list(job.rows), table)
     parts: dict[tuple[str, Role], list[torch.Tensor]] = defaultdict(list)
     scores: list[torch.Tensor] = []
     for a, z in chunks:
@@ -353,8 +357,15 @@ def _source_pass(
         )
         for k, v in got.items():
             parts[k].append(v)
-        if logits is not None and logits.shape[1] == base.ids.shape[1]:
-            at = _rows_of(targets, torch.arange(a, z))
+        if logits is not None:  # the source run, scored where the metric's role is in it
+            sub_job = job.model_copy(update=update)
+            at = source_targets(
+                metric,
+                data,
+                list(sub_job.rows),
+                table,
+                *job_source(sub_job, table, data),
+            )
             scores.append(score(metric.kind, logits, at, clean_logp[a:z]))
     try:
         values = {k: torch.cat(v) for k, v in parts.items()}
@@ -373,4 +384,4 @@ def _sub_batch(base: Batch, a: int, z: int) -> Batch:
 
 def _rows_of(t: Targets, idx: torch.Tensor) -> Targets:
     """The targets of base rows ``idx`` (a pass's rows, in order)."""
-    return Targets(t.pos[idx], t.target[idx], None if t.wrong is None else t.wrong[idx])
+    return t.rows(idx)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from mi_spec.data.dataset import Dataset
-from mi_spec.data.positions import resolve_role
-from mi_spec.errors import ExecutionError
+from mi_spec.data.positions import aligned, resolve_role, source_data
+from mi_spec.errors import ExecutionError, MiSpecError
 from mi_spec.execute.engine import Engine, Read, Write
-from mi_spec.execute.metrics import make_targets, picked_logits, score
+from mi_spec.execute.metrics import make_targets, picked_logits, score, source_targets
 from mi_spec.execute.ops import register_op
 from mi_spec.plan.ir import Job, JobResult, Plan, Variant
 from mi_spec.spec.sections import MetricSection, PositionSpec
@@ -65,8 +65,9 @@ def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
             clean_logp = torch.log_softmax(picked_logits(logits[: len(rows)], targets), -1)
         per_variant += list(score(metric.kind, logits, targets, clean_logp).view(len(group), -1))
     source = None
-    if source_logits is not None and source_logits.shape[1] == base.ids.shape[1]:
-        source = score(metric.kind, source_logits, targets, clean_logp).tolist()
+    if source_logits is not None:
+        at = source_targets(metric, data, rows, table, *job_source(job, table, data))
+        source = score(metric.kind, source_logits, at, clean_logp).tolist()
     return JobResult(
         job_id=job.id,
         clean=tuple(per_variant[0].tolist()),
@@ -90,22 +91,23 @@ def source_values(
         return {}, None
     if job.source == "mean":
         return _means(job, plan, table, engine, data, keys), None
-    if job.source == "column":
-        # the counterfactual row i belongs to base row job.rows[i]: it shares that row's columns
-        tokens = [data.columns[job.source_column or ""][r] for r in job.rows]
-        columns = {k: [v[r] for r in job.rows] for k, v in data.columns.items()}
-        src_data = Dataset(tuple(tuple(t) for t in tokens), columns, data.pad_id)
-        src = make_batch(src_data, list(range(len(tokens))), engine.device)
-    else:
-        src = make_batch(data, list(job.source_rows), engine.device)
-    if any(pos is None for _, pos in keys) and src.ids.shape[1] != base.ids.shape[1]:
-        raise ExecutionError(
-            f"job {job.id}: patching at every position needs source and base of equal length "
-            f"({src.ids.shape[1]} vs {base.ids.shape[1]}); patch named positions instead"
-        )
+    src = make_batch(*job_source(job, table, data), engine.device)
+    try:  # roles line up row by row: the k-th position of a role in the source -> in the base
+        for pos in {pos for _, pos in keys}:
+            aligned(pos, table, data, list(job.rows), src.data, src.rows)
+    except MiSpecError as e:
+        raise ExecutionError(f"job {job.id}: {e}") from None
     reads = [Read(k, plan.sites[k[0]], src.role(table, k[1])) for k in keys]
     logits, got = engine.run(src.ids, src.mask, reads=reads)
     return got, logits
+
+
+def job_source(
+    job: Job, table: dict[str, PositionSpec], data: Dataset
+) -> tuple[Dataset, list[int]]:
+    """The source input of a job's rows: its counterfactual rows, or other dataset rows."""
+    column = job.source_column if job.source == "column" else None
+    return source_data(data, table, list(job.rows), column, list(job.source_rows))
 
 
 def _means(

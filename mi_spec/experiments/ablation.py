@@ -53,7 +53,10 @@ class Ablation:
             both = tuple(i for v in variants for i in v.interventions)
             variants = [Variant(label="+".join(v.label for v in variants), interventions=both)]
         rows = sample_rows(len(ctx.data), spec.samples, spec.seed)
-        sources = resample_sources(rows, len(ctx.data), spec.seed)
+        # only resampling draws other rows (zero and mean ablation work on a one-row dataset)
+        sources = (
+            resample_sources(rows, len(ctx.data), spec.seed) if spec.method == "resample" else []
+        )
         jobs = []
         for i, batch in enumerate(chunks(rows, spec.batch_size)):
             if spec.method == "resample":

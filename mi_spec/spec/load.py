@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from mi_spec.errors import SpecError, SpecIssue
+from mi_spec.spec.refs import is_ref
 from mi_spec.spec.yaml_tree import (
     Converter,
     Entry,
@@ -86,6 +87,11 @@ def _is_rotation_file(value: str) -> bool:
     return value not in ("random", "identity")
 
 
+def _is_folder_not_ref(value: str) -> bool:
+    """A tokenizer folder, not a ``pkg.mod:fn`` that builds one."""
+    return not is_ref(value)
+
+
 @dataclass(frozen=True)
 class PathField:
     """A field whose string value names a file or folder relative to the file that declares it."""
@@ -104,7 +110,7 @@ PATH_FIELDS: tuple[PathField, ...] = (
     PathField(("model", "hf")),  # a local Hugging Face model folder
     PathField(("model", "adapter"), _is_yaml_file),  # a declarative adapter .yaml file
     PathField(("data", "path")),  # a .jsonl / .csv file
-    PathField(("data", "tokenizer")),  # a local tokenizer folder
+    PathField(("data", "tokenizer"), _is_folder_not_ref),  # a local tokenizer folder
     PathField(("experiments", "*", "init"), _is_rotation_file),  # DAS: a saved rotation file
 )
 

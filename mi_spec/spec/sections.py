@@ -52,8 +52,13 @@ class ModelSection(Section):
         "declarative adapter for a custom model: a .yaml file (relative to the hypothesis) or "
         "the same mapping inline (dims, sites: site kind -> module path)",
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda:0', ...")
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="hf models only: 'auto' (accelerate shards the model across this worker's "
+        "GPUs) or an explicit map module -> device, passed to from_pretrained; replaces device",
+    )
     check_sites: bool = Field(
         True,
         description="At load, check each used site fires once per forward and that patching a "
@@ -84,6 +89,11 @@ class PosColumn(Section):
     """Per-row positions read from a dataset column (an int or a list of ints per row)."""
 
     column: str
+    counterfactual: str | None = Field(
+        None,
+        description="Column with this role's position(s) in each counterfactual row, for a "
+        "counterfactual whose length differs from its base row",
+    )
 
 
 PositionSpec = Annotated[int | PosRange | PosColumn, Field(union_mode="left_to_right")]
@@ -94,16 +104,37 @@ class DataSection(Section):
 
     generator: Ref | None = Field(None, description=f"{REF_HELP} returning a list of row dicts")
     params: dict[str, Any] = Field(default_factory=dict, description="Arguments for the generator")
-    path: str | None = Field(None, description="A .jsonl or .csv file, relative to the hypothesis")
+    path: str | None = Field(
+        None,
+        description="A .jsonl, .csv or .parquet file, or a Hugging Face datasets folder "
+        "(save_to_disk), relative to the hypothesis",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping: name used in this file -> column in the data "
+        "(e.g. {text: prompt, cf_text: corrupted})",
+    )
     tokens: str = Field("tokens", description="Column holding token ids (a list of ints per row)")
     text: str | None = Field(
-        None, description="Column holding text to tokenize instead (needs a tokenizer)"
+        None,
+        description="Column holding text to tokenize instead (needs a tokenizer); "
+        "counterfactual columns may then hold text too",
     )
     tokenizer: str | None = Field(
-        None, description="Local tokenizer directory; default: the model's hf directory"
+        None,
+        description="Local tokenizer directory, or a 'pkg.mod:fn' returning a tokenizer; "
+        "default: the model's hf directory",
     )
-    padding_side: Literal["right"] = Field(
-        "right", description="Rows of different lengths are right-padded with an attention mask"
+    add_special_tokens: bool = Field(
+        True, description="Passed to the tokenizer (adds its BOS/EOS where it defines them)"
+    )
+    prepend_bos: bool = Field(
+        False, description="Start every text row with the tokenizer's BOS token (once)"
+    )
+    padding_side: Literal["right", "left"] = Field(
+        "right",
+        description="Pad rows of different lengths on the right or the left (attention mask "
+        "and position_ids follow); results do not depend on it",
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows")
     positions: dict[str, PositionSpec] = Field(
@@ -116,9 +147,15 @@ class DataSection(Section):
     def _one_source(self) -> DataSection:
         if (self.generator is None) == (self.path is None):
             raise ValueError("expected exactly one of generator or path")
-        if self.path is not None and not self.path.endswith((".jsonl", ".csv")):
-            raise ValueError(f"expected a .jsonl or .csv path, found {self.path!r}")
+        name = (self.path or "").rsplit("/", 1)[-1]
+        if "." in name and not name.endswith((".jsonl", ".csv", ".parquet")):
+            raise ValueError(
+                f"expected a .jsonl, .csv or .parquet file or a datasets folder, found {self.path!r}"
+            )
         return self
+
+
+NUMERIC_METRICS = ("mse", "mae")  # metrics of a model whose output is a number, not logits
 
 
 class MetricSection(Section):
@@ -127,15 +164,19 @@ class MetricSection(Section):
     ``loss``: next-token cross-entropy at positions ``at`` (the logits at p predict token p+1, or
     the ``target`` column). ``logit_diff``: logit of ``target`` minus logit of ``wrong``.
     ``prob``/``accuracy``: probability / argmax-correctness of the target. ``kl``: KL(clean ‖
-    intervened) of the next-token distributions.
+    intervened) of the next-token distributions. ``mse``/``mae``: squared / absolute error of a
+    model whose output is one number per position (a regression head or a 1-d readout, [B, T] or
+    [B, T, 1]) against the numeric ``target`` column.
     """
 
-    kind: Literal["loss", "logit_diff", "kl", "accuracy", "prob"] = "loss"
+    kind: Literal["loss", "logit_diff", "kl", "accuracy", "prob", "mse", "mae"] = "loss"
     at: str | int = Field(
         "last", description="A named position (data.positions, 'last' or 'all') or an int"
     )
     target: str | None = Field(
-        None, description="Column with the target token id per row; default: the next token"
+        None,
+        description="Column with the target token id per row (a number for mse/mae); "
+        "default: the next token",
     )
     wrong: str | None = Field(None, description="Column with the wrong token id (logit_diff)")
 
@@ -143,7 +184,14 @@ class MetricSection(Section):
     def _needs(self) -> MetricSection:
         if self.kind == "logit_diff" and (self.target is None or self.wrong is None):
             raise ValueError("logit_diff needs both `target` and `wrong` columns")
+        if self.numeric and self.target is None:
+            raise ValueError(f"{self.kind} needs a `target` column holding a number per row")
         return self
+
+    @property
+    def numeric(self) -> bool:
+        """The model's output is a number (mse/mae), not next-token logits."""
+        return self.kind in NUMERIC_METRICS
 
     @property
     def higher_is_better(self) -> bool:

@@ -64,6 +64,8 @@ def write_study(tmp_path, model: str, metric: str, lengths: list[int]) -> str:
                 + "\n"
             )
     sites = json.dumps(SITES[model])
+    # every position from a resampled row of another length is a validate error (no silent shift)
+    resample_pos = "[all, mid, subj, tail]" if len(set(lengths)) == 1 else "[mid, subj, tail]"
     metric_line = {
         "loss": "{kind: loss, at: mid}",
         "kl": "{kind: kl, at: mid}",
@@ -81,7 +83,7 @@ data:
 metric: {metric_line}
 max_batch_rows: 20
 experiments:
-  - {{kind: activation_patching, name: resample, sites: {sites}, positions: [all, mid, subj, tail], batch_size: 6}}
+  - {{kind: activation_patching, name: resample, sites: {sites}, positions: {resample_pos}, batch_size: 6}}
   - {{kind: activation_patching, name: column, sites: {sites}, positions: [last, subj], source: {{column: cf}}, batch_size: 5}}
   - {{kind: ablation, name: zero, sites: {sites}, method: zero, positions: [all, tail], batch_size: 7}}
   - {{kind: ablation, name: mean, sites: {sites}, method: mean, positions: [all, subj], batch_size: 8, mean_samples: 9}}

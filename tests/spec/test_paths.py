@@ -154,6 +154,15 @@ def test_das_init_files_are_rebased_but_not_the_keywords(tmp_path: Path) -> None
     assert experiments[3] == {"kind": "ablation"}
 
 
+def test_a_tokenizer_built_by_code_is_a_reference_not_a_path(tmp_path: Path) -> None:
+    write(tmp_path, "base/common.yaml", "data: {tokenizer: mi_spec.zoo.ioi:tokenizer}\n")
+    write(tmp_path, "base/folder.yaml", "data: {tokenizer: tok}\n")
+    main = write(tmp_path, "studies/s.yaml", "extends: ../base/common.yaml\n")
+    assert load_yaml(main).data["data"]["tokenizer"] == "mi_spec.zoo.ioi:tokenizer"
+    main = write(tmp_path, "studies/t.yaml", "extends: ../base/folder.yaml\n")
+    assert points_at(main, load_yaml(main).data["data"]["tokenizer"]) == tmp_path / "base" / "tok"
+
+
 def test_non_string_values_are_left_for_validation(tmp_path: Path) -> None:
     write(tmp_path, "base/common.yaml", "data: {path: 3, tokenizer: ''}\nmodel: [1]\n")
     doc = load_yaml(write(tmp_path, "studies/s.yaml", "extends: ../base/common.yaml\n"))
