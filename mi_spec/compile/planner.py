@@ -29,6 +29,8 @@ def compile_context(study: Study) -> CompileContext:
         dims=study.dims,
         causal=study.causal,
         correspondence=dict(study.spec.correspondence),
+        base_dir=str(study.base_dir),
+        attention=study.attention,
     )
 
 
@@ -68,12 +70,12 @@ def compile_plan(study: Study) -> Plan:
         k: (v if isinstance(v, int) else v.model_dump()) for k, v in study.positions.items()
     }
     metric = study.spec.metric.model_dump(mode="json")
-    context = {
+    bound = {k: v.model_dump() for k, v in sites.items()}
+    context = {  # + each job's own sites: editing one experiment leaves the others' ids alone
         "model": model_ref.weights_hash,
         "data": data_ref.data_hash,
         "metric": metric,
         "positions": positions,
-        "sites": {k: v.model_dump() for k, v in sites.items()},
         "max_batch_rows": study.spec.max_batch_rows,
     }
     return Plan(
@@ -85,6 +87,6 @@ def compile_plan(study: Study) -> Plan:
         positions=positions,
         sites=sites,
         experiments=tuple(entries),
-        jobs=tuple(seal_job(j, context) for j in jobs),
+        jobs=tuple(seal_job(j, {**context, "sites": {s: bound[s] for s in j.sites}}) for j in jobs),
         max_batch_rows=study.spec.max_batch_rows,
     )

@@ -26,6 +26,8 @@ _BUILTIN = {
     "path_patch": "mi_spec.execute.path_op",
     "attribution": "mi_spec.execute.attribution_op",
     "discovery": "mi_spec.execute.discovery_op",
+    "logit_lens": "mi_spec.execute.logit_lens_op",
+    "causal_tracing": "mi_spec.execute.tracing_op",
 }
 
 

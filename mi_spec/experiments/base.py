@@ -20,6 +20,7 @@ from pydantic import Field
 from mi_spec.analysis.report import ExperimentReport
 from mi_spec.causal.graph import CausalModel
 from mi_spec.data.dataset import Dataset
+from mi_spec.models.attention_probe import AttentionPattern
 from mi_spec.plan.ir import Job, JobResult
 from mi_spec.sites.adapter import Dims, SiteBinding
 from mi_spec.spec.sections import MetricSection, PositionSpec, Section
@@ -55,6 +56,8 @@ class CompileContext:
     dims: Dims
     causal: CausalModel | None = None  # the high-level model (variables), when declared
     correspondence: dict[str, list[str]] = field(default_factory=dict)  # variable -> sites
+    base_dir: str = "."  # the hypothesis file's folder: relative paths in experiment fields
+    attention: Callable[[], AttentionPattern] | None = None  # the model's, probed on first call
 
 
 class ExperimentKind(Protocol):

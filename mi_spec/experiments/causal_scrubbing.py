@@ -37,6 +37,7 @@ from mi_spec.experiments.base import (
     register,
     sample_rows,
 )
+from mi_spec.experiments.effects import near_zero_denominator
 from mi_spec.plan.ir import Job, JobResult
 from mi_spec.spec.sections import Section
 
@@ -85,8 +86,22 @@ def hypothesis_of(
             raise tree.ScrubError(f"output: {var!r} is not a declared variable")
     parents = {v: ctx.causal.parents(v) for v in ctx.causal.variables}
     hyp = tree.Hypothesis.build(ctx.correspondence, parents, spec.output)
-    arch = tree.Arch(ctx.dims.n_layers, ctx.dims.n_heads, "L0.mlp_out" in ctx.vocabulary)
-    return hyp, arch
+    has_mlp = "L0.mlp_out" in ctx.vocabulary
+    return hyp, tree.Arch(ctx.dims.n_layers, ctx.dims.n_heads, has_mlp, attention_of(ctx))
+
+
+def attention_of(ctx: CompileContext) -> str:
+    """The model's attention pattern, if the scrub trees can model it; else a ScrubError."""
+    if ctx.attention is None:
+        return "causal"
+    pattern = ctx.attention()
+    if pattern.kind not in tree.ATTENTION:
+        raise tree.ScrubError(
+            "causal scrubbing gives a head its inputs at every position it can see, and models "
+            "causal attention (position p reads positions <= p) and full bidirectional attention "
+            f"(every position reads the whole row); this model has {pattern.describe()}"
+        )
+    return pattern.kind
 
 
 def variants_of(
@@ -285,8 +300,8 @@ class CausalScrubbing:
                  "ci_high": recovered[label][2]}
             )  # fmt: skip
         _put(rep, "scrub.loss_recovered", recovered[MAIN], True)
-        if abs(float(den.mean())) < 1e-6:
-            rep.warnings.append("L_random equals L_model: loss_recovered is undefined here")
+        ratio = "scrub.loss_recovered (÷ loss_random − loss_model)"
+        rep.warnings += near_zero_denominator(ratio, random_, model, spec.seed)
         if len(seeds) > 1:
             by_seed = [_ratio(per_seed[s], model) for s in seeds]
             rep.series["scrub.loss_recovered.by_seed"] = by_seed
@@ -308,6 +323,7 @@ class CausalScrubbing:
             "n_examples": len(model),
             "seeds": seeds,
             "unnamed": spec.unnamed,
+            "attention": arch.attention,
             "output": sorted(hyp.output),
             "n_random": len(controls),
             **{k: sum(r.extra.get(k, 0) for r in results) for k in ("passes", "tree_nodes")},

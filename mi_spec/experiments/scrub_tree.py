@@ -32,8 +32,10 @@ by position:
   unmodified model on a random other input of y's length: one per edge (``independent``), or one
   per tree node shared by all its unnamed edges (``joint``: the rest of one random input's stream).
 
-``embed`` is a leaf (the embedding of its input). A head needs its inputs at every position up to
-the last one needed (attention looks back); other readers only at the needed positions. The root is
+``embed`` is a leaf (the embedding of its input). A head needs its inputs at every position it can
+see from the positions needed: with causal attention every position up to the last one needed,
+with bidirectional attention every position of the row (``Arch.attention``, probed from the model
+by ``models/attention_probe.py``); other readers only at the needed positions. The root is
 the output on the base input x at the metric's positions; the random baseline is the root with no
 named edges. A condition nobody else satisfies is an error; its counts are recorded (power).
 
@@ -62,6 +64,7 @@ _HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
 _PART = re.compile(r"^(L\d+\.H\d+):([qkv])$")
 _MLP = re.compile(r"^L(\d+)\.mlp_out$")
 _LOCAL = re.compile(r"^(L\d+\.H\d+:[qkv]|L\d+\.mlp_out|logits)$")
+ATTENTION = ("causal", "bidirectional")
 Slot = tuple[int, int | None]  # (node id, its position in a shared batch row, or None: own row)
 
 
@@ -95,11 +98,25 @@ def head_of(site: str) -> str | None:
 
 @dataclass(frozen=True)
 class Arch:
-    """The residual DAG of a sequential transformer, from its dimensions."""
+    """The residual DAG of a sequential transformer, from its dimensions, and what its attention
+    lets a position read: ``causal`` (positions <= p) or ``bidirectional`` (the whole row)."""
 
     n_layers: int
     n_heads: int
     has_mlp: bool
+    attention: str = "causal"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ScrubError(
+                f"causal scrubbing models {' and '.join(ATTENTION)} attention, not {self.attention!r}"
+            )
+
+    def visible(self, need: frozenset[int], length: int) -> frozenset[int]:
+        """The positions a head's inputs are read at when its output is needed at ``need``."""
+        if self.attention == "bidirectional":
+            return frozenset(range(length))
+        return frozenset(range(max(need) + 1))
 
     @property
     def writers(self) -> list[str]:
@@ -304,12 +321,12 @@ class TreeBuilder:
         """The source (encoded) of ``site`` computing ``var`` on ``row`` at positions ``need``."""
         if site == "embed":
             return row
-        upto = frozenset(range(max(need) + 1))
+        seen = self.arch.visible(need, self.pools.lengths[row])
         inputs = t.hyp.inputs(self.arch, site)
         if site in t.hyp.split:
-            needs = [need, upto, upto]
+            needs = [need, seen, seen]
         else:
-            needs = [upto if _HEAD.match(site) else need] * len(inputs)
+            needs = [seen if _HEAD.match(site) else need] * len(inputs)
         shared = self._random(t, row) if self.unnamed == "joint" else None
         edges = [
             [self._site_id(s), *self._sources(t, s, var, row, n, shared)]
@@ -371,7 +388,7 @@ def pack(
 
     A position-local reader (q/k/v input, MLP, output) depends at position q only on its inputs at
     q, so its nodes needed at a single position share rows, one node per position. Others (heads:
-    attention looks back) take a row each.
+    attention reads other positions) take a row each.
     """
     out: list[tuple[int, list[Slot]]] = []
     by_site: dict[int, list[int]] = {}
