@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,15 +16,15 @@ from mi_spec.analysis.report import ExperimentReport, StudyRecord
 from mi_spec.compile.data_check import check_data
 from mi_spec.compile.planner import compile_context, compile_plan
 from mi_spec.compile.resolve import Study, load_spec, resolve
-from mi_spec.errors import SpecError
+from mi_spec.errors import SpecError, SpecIssue
 from mi_spec.execute.cache import ResultCache
 from mi_spec.execute.site_check import check_sites
 from mi_spec.execute.worker import loaded_for
 from mi_spec.experiments.base import kinds
 from mi_spec.plan.ir import Plan, content_hash
-from mi_spec.schedule.dispatch import run_plan
-from mi_spec.schedule.profiles import RunnerProfile, load_profile
-from mi_spec.schedule.progress import Progress
+from mi_spec.schedule.dispatch import RunnerSession, run_plan
+from mi_spec.schedule.profiles import RunnerProfile
+from mi_spec.schedule.progress import Console, count
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
 from mi_spec.tracking.provenance import dataset_identity, file_hash, git_info, model_name
@@ -34,18 +36,63 @@ DEFAULT_CACHE = ".mi_spec_cache"
 class RunResult:
     plan: Plan
     reports: list[ExperimentReport] = field(default_factory=list)
-    run_url: str | None = None
+    run_url: str | None = None  # where the tracker shows the study (see `Tracker`)
+    summary: str = ""  # the study's summary line: time, jobs computed / from cache
 
 
-def compile_file(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Study, Plan]:
-    """Load, validate, resolve and compile a hypothesis file (no forward passes)."""
-    spec, doc = load_spec(path, overrides)
-    study = resolve(spec, doc)
-    plan = compile_plan(study)
-    issues = check_data(study, plan)
-    if issues:
-        raise SpecError(issues)
+def compile_file(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> tuple[Study, Plan]:
+    """Load, validate, resolve and compile a hypothesis file (no forward passes).
+
+    ``only``: the names (labels) of the experiments to keep; the whole file is still validated and
+    compiled, so a selected experiment's jobs are the same (same ids, same cache entries) as in a
+    run of the whole file. An unknown name is a `SpecError` listing the names there are.
+    ``console`` hears the stages (loading model, compiling).
+    """
+    console = console or Console(verbosity="quiet")
+    with console.stage("loading model") as stage:
+        spec, doc = load_spec(path, overrides)
+        study = resolve(spec, doc)
+        stage.note = f"{model_name(spec.model.model_dump(mode='json'))}, {len(study.data)} rows"
+    with console.stage("compiling") as stage:
+        plan = compile_plan(study)
+        issues = check_data(study, plan)
+        if issues:
+            raise SpecError(issues)
+        if only is not None:
+            study, plan = select_experiments(study, plan, only)
+        stage.note = (
+            f"{count(len(plan.jobs), 'job')} in {count(len(plan.experiments), 'experiment')}"
+        )
     return study, plan
+
+
+def select_experiments(study: Study, plan: Plan, names: Sequence[str]) -> tuple[Study, Plan]:
+    """``study`` and ``plan`` with only the experiments named (by label), in file order."""
+    labels = [e.label for e in study.spec.experiments]
+    unknown = [n for n in names if n not in labels]
+    if unknown or not names:
+        what = f"no experiment named {', '.join(map(repr, unknown))}" if unknown else "no name"
+        message = f"--only: {what}; the experiments of this file are: {', '.join(labels)}"
+        raise SpecError([SpecIssue(message, file=str(study.doc.path))])
+    keep = set(names)
+    spec = study.spec.model_copy(
+        update={"experiments": [e for e in study.spec.experiments if e.label in keep]}
+    )
+    jobs = tuple(j for j in plan.jobs if j.experiment in keep)
+    used = {s for j in jobs for s in j.sites}
+    plan = plan.model_copy(
+        update={
+            "experiments": tuple(e for e in plan.experiments if e.name in keep),
+            "jobs": jobs,
+            "sites": {k: v for k, v in plan.sites.items() if k in used},
+        }
+    )
+    return dataclasses.replace(study, spec=spec), plan
 
 
 def validate(path: str | Path, overrides: Sequence[str] = ()) -> Plan:
@@ -80,33 +127,64 @@ def run(
     cache_dir: str | Path | None = DEFAULT_CACHE,
     runner: RunnerProfile | str = "local",
     scheduler: str | None = None,
+    *,
+    session: RunnerSession | None = None,
+    console: Console | None = None,
+    only: Sequence[str] | None = None,
 ) -> RunResult:
-    """Run every experiment in the file and log the study to ``tracker``.
+    """Run the experiments of the file (all, or those named in ``only``) and log the study to
+    ``tracker``.
 
     ``runner`` is a profile (or its name/path: synchronous, local, cluster, slurm); ``scheduler``
-    (``tcp://host:8786``) sends the same plan to an existing Dask cluster instead. An unreachable
-    tracking store fails here, before the model is loaded or any job runs.
+    (``tcp://host:8786``) sends the same plan to an existing Dask cluster instead. ``session``
+    (a `RunnerSession`, which then wins over both) runs several files on one cluster, started
+    once. ``console`` tells the stages and their times on stderr (default: a `Console` at
+    normal verbosity). An unreachable tracking store fails here, before the model is loaded or
+    any job runs.
     """
-    profile = load_profile(runner) if isinstance(runner, str) else runner
-    tracker.check()
-    study, plan = compile_file(path, overrides)
-    result = RunResult(plan)
-    where = "cluster" if scheduler else profile.kind
-    with tracking(tracker, study_record(study, plan, where)):
-        check_plan_sites(study, plan)
-        cache = ResultCache(cache_dir, plan) if cache_dir else None
-        progress = Progress(len(plan.jobs))
-        results = run_plan(plan, plan.jobs, cache, progress, profile, address=scheduler)
-        progress.close()
-        ctx = compile_context(study)
-        table = kinds()
-        for exp in study.spec.experiments:
-            jobs = plan.jobs_for(exp.label)
-            report = table[exp.kind].analyse(exp, ctx, jobs, [results[j.id] for j in jobs])
-            tracker.log_experiment(report)
-            result.reports.append(report)
-    result.run_url = getattr(tracker, "run_url", lambda: None)()
-    return result
+    console = console or Console()
+    console.begin_study(str(path))
+    with console.stage("opening MLflow store"):
+        tracker.check()
+    own = session is None
+    session = session or RunnerSession(runner, scheduler)
+    try:
+        study, plan = compile_file(path, overrides, only, console)
+        result = RunResult(plan)
+        record = study_record(study, plan, session.kind)
+        if only is not None:
+            record.tags["mi_spec.only"] = ",".join(e.name for e in plan.experiments)
+        with contextlib.ExitStack() as logged:
+            with console.stage("checking sites") as stage:
+                check_plan_sites(study, plan)
+                stage.note = count(len(plan.sites), "site")
+            with console.stage("starting MLflow run"):
+                logged.enter_context(tracking(tracker, record))
+            cache = ResultCache(cache_dir, plan) if cache_dir else None
+            progress = console.progress(len(plan.jobs))
+            results = run_plan(plan, plan.jobs, cache, progress, session.profile, session=session)
+            progress.close()
+            with console.stage("analysing") as stage:
+                ctx = compile_context(study)
+                table = kinds()
+                analysed = []
+                for exp in study.spec.experiments:
+                    jobs = plan.jobs_for(exp.label)
+                    job_results = [results[j.id] for j in jobs]
+                    report = table[exp.kind].analyse(exp, ctx, jobs, job_results)
+                    analysed.append((report, sum(r.seconds for r in job_results)))
+                stage.note = count(len(analysed), "experiment")
+            with console.stage("logging to MLflow"):
+                for report, seconds in analysed:
+                    tracker.log_experiment(report, compute_s=seconds)
+                    result.reports.append(report)
+                logged.close()  # the tracker finishes the study's runs
+        result.run_url = getattr(tracker, "run_url", lambda: None)()
+        result.summary = console.end_study(study.spec.name)
+        return result
+    finally:
+        if own:
+            session.close()
 
 
 def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> StudyRecord:
@@ -116,7 +194,7 @@ def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> Study
         "model.weights_hash": study.model.weights_hash,
         "model.adapter": study.model.adapter.name,
         "model.attn_implementation": str(
-            getattr(getattr(study.model.module, "config", None), "_attn_implementation", "eager")
+            getattr(getattr(study.model.skeleton, "config", None), "_attn_implementation", "eager")
         ),
         "data.hash": plan.data.data_hash,
         "data.rows": str(plan.data.n_rows),
@@ -128,6 +206,7 @@ def study_record(study: Study, plan: Plan, runner: str = "synchronous") -> Study
     doc = study.doc
     tags = {
         "mi_spec.hypothesis": study.spec.name,
+        **({"mlflow.note.content": study.spec.description} if study.spec.description else {}),
         "mi_spec.file": str(doc.path),
         "mi_spec.file_hash": file_hash(doc.files),
         "mi_spec.spec_hash": content_hash(resolved),

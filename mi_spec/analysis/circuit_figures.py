@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from mi_spec.analysis.figures import _figure, _png, heatmap_png
-
-_PART_RAD = {"q": -0.25, "k": 0.0, "v": 0.25}
+from mi_spec.analysis.figures import MIN_PT, _figure, _png, heatmap_png
+from mi_spec.analysis.graph_figure import Edge, draw_graph
 
 
 def _component(site: str) -> tuple[str, str]:
@@ -43,45 +42,40 @@ def circuit_png(
     nodes: list[str] = []
     for u, r in pairs:
         nodes += [_component(u)[0], _component(r)[0]]
-    nodes = list(dict.fromkeys(nodes)) or ["embed", "logits"]
+    nodes = sorted(set(nodes)) or ["embed", "logits"]
     rows: dict[float, list[str]] = {}
     for n in sorted(nodes, key=lambda n: (_y(n, n_layers), n)):
         rows.setdefault(_y(n, n_layers), []).append(n)
-    pos = {}
-    for y, ns in rows.items():
-        for i, n in enumerate(ns):
-            pos[n] = ((i + 1) / (len(ns) + 1), y)
     widest = max((len(ns) for ns in rows.values()), default=1)
-    fig = _figure(width=min(max(5.0, 1.6 * widest + 2), 22.0), height=min(3 + 0.9 * len(rows), 16))
+    pos = {
+        n: (i - (len(ns) - 1) / 2, float(rank))
+        for rank, (_, ns) in enumerate(sorted(rows.items()))
+        for i, n in enumerate(ns)
+    }
+    fig = _figure(
+        width=min(max(5.5, 1.9 * widest + 2.5), 22.0), height=min(3 + 1.1 * len(rows), 16)
+    )
     ax = fig.add_subplot()
     top = max((abs(scores.get(e, 0.0)) for e in circuit), default=1.0) or 1.0
-    for e, (u, r) in zip(circuit, pairs, strict=True):
-        a, (b, part) = _component(u)[0], _component(r)
-        s = scores.get(e, 0.0)
-        ax.annotate(
-            "", xy=pos[b], xytext=pos[a],
-            arrowprops={
-                "arrowstyle": "-|>", "lw": 0.6 + 5.0 * abs(s) / top, "alpha": 0.75,
-                "color": "#C44E52" if s >= 0 else "#4C72B0", "shrinkA": 14, "shrinkB": 14,
-                "connectionstyle": f"arc3,rad={_PART_RAD.get(part, 0.1)}",
-            },
-        )  # fmt: skip
-        if part:  # the q/k/v input, on its arc (q bends left, v right, k straight)
-            side = {"q": -1, "k": 0, "v": 1}[part]
-            tx = (pos[a][0] + pos[b][0]) / 2 + side * 0.045 * abs(pos[b][1] - pos[a][1]) ** 0.5
-            ty = (pos[a][1] + pos[b][1]) / 2 + (0.25 if side == 0 else 0)
-            ax.text(tx, ty, part, fontsize=9, color="#333333", ha="center", weight="bold",
-                    bbox={"boxstyle": "circle,pad=0.15", "fc": "white", "ec": "none"})  # fmt: skip
-    for n, (x, y) in pos.items():
-        ax.text(x, y, n, ha="center", va="center", fontsize=9,
-                bbox={"boxstyle": "round", "fc": "#fdae6b" if n not in ("embed", "logits")
-                      else "#d9d9d9", "ec": "black"})  # fmt: skip
-    ax.set_xlim(0, 1)
-    ys = list(rows)
-    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
-    ax.set_yticks(sorted(ys), [_ylabel(y, n_layers) for y in sorted(ys)], fontsize=8)
+    edges = [
+        Edge(_component(u)[0], _component(r)[0], _component(r)[1],
+             "#C44E52" if scores.get(e, 0.0) >= 0 else "#4C72B0",
+             0.8 + 4.0 * abs(scores.get(e, 0.0)) / top)
+        for e, (u, r) in sorted(zip(circuit, pairs, strict=True))
+    ]  # fmt: skip
+    colors = {n: "#d9d9d9" if n in ("embed", "logits") else "#fdae6b" for n in pos}
+    ax.set_yticks(range(len(rows)), [_ylabel(y, n_layers) for y in sorted(rows)])
+    ax.tick_params(labelsize=MIN_PT, left=False)
     ax.set_xticks([])
-    ax.set_title(f"{title}\n{len(circuit)} edges (width = |score|; red +, blue −)", fontsize=11)
+    ax.set_ylabel("depth in the model", fontsize=11)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    draw_graph(ax, pos, {n: (n, colors[n]) for n in pos}, edges, False, (0.8, 0.6))
+    fig.suptitle(title, fontsize=12)
+    ax.set_title(
+        f"{len(circuit)} edges; width = |score|, red +, blue −; label: the q/k/v input entered",
+        fontsize=MIN_PT,
+    )
     return _png(fig)
 
 
@@ -120,7 +114,8 @@ def faithfulness_png(
     ax.set_ylabel("faithfulness (metric recovered)", fontsize=11)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.tick_params(labelsize=MIN_PT)
+    ax.legend(fontsize=MIN_PT, loc="lower right")
     return _png(fig)
 
 
@@ -136,4 +131,7 @@ def edge_heatmap_png(
     for (u, r), s in zip(edges, scores, strict=True):
         grid[u, r] = s
     cols = [r[0] if isinstance(r, (list, tuple)) else str(r) for r in receivers]
-    return heatmap_png(grid.tolist(), list(senders), cols, title, "edge score")
+    return heatmap_png(
+        grid.tolist(), list(senders), cols, title, "edge score", nan_means="not an edge",
+        xlabel="receiver (q/k/v: the head input entered)", ylabel="sender",
+    )  # fmt: skip

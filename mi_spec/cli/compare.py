@@ -6,6 +6,7 @@ import argparse
 import sys
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+EXPERIMENT_HELP = "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or mi_spec)"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "start time, headline metrics as 'estimate [ci_low, ci_high]', parent run id.",
     )
     c.add_argument("--tracking-uri", help=TRACKING_HELP)
-    c.add_argument("--experiment", default="mi_spec", help="MLflow experiment name")
+    c.add_argument("--experiment", help=EXPERIMENT_HELP)
     c.add_argument(
         "--hypothesis",
         dest="hypotheses",
@@ -58,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("ui", help="start the MLflow UI on the tracking store and print its URL")
     u.add_argument("--tracking-uri", help=TRACKING_HELP)
-    u.add_argument("--experiment", default="mi_spec", help="MLflow experiment to link to")
+    u.add_argument("--experiment", help=EXPERIMENT_HELP)
     u.add_argument(
         "--host",
         default="127.0.0.1",
@@ -70,10 +71,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from mi_spec.tracking.compare import Query, fetch_rows, parse_tags, render
-    from mi_spec.tracking.mlflow_tracker import resolve_tracking_uri
+    from mi_spec.tracking.mlflow_tracker import resolve_experiment, resolve_tracking_uri
 
+    experiment = resolve_experiment(args.experiment)
     query = Query(
-        experiment=args.experiment,
+        experiment=experiment,
         hypotheses=args.hypotheses,
         kinds=args.kinds,
         tags=parse_tags(args.tags),
@@ -82,7 +84,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     rows = fetch_rows(args.tracking_uri, query)
     if not rows:
-        where = f"experiment {args.experiment!r} of {resolve_tracking_uri(args.tracking_uri)}"
+        where = f"experiment {experiment!r} of {resolve_tracking_uri(args.tracking_uri)}"
         print(f"no experiment runs in {where}" + _filters_note(args), file=sys.stderr)
         if args.format == "json":
             print("[]")
@@ -98,6 +100,8 @@ def _filters_note(args: argparse.Namespace) -> str:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from mi_spec.tracking.mlflow_tracker import resolve_experiment
     from mi_spec.tracking.ui import serve
 
-    return serve(args.tracking_uri, host=args.host, port=args.port, experiment=args.experiment)
+    experiment = resolve_experiment(args.experiment)
+    return serve(args.tracking_uri, host=args.host, port=args.port, experiment=experiment)

@@ -10,6 +10,7 @@ A ``MiSpecError`` prints as a message; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -75,13 +76,33 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan itself as JSON")
     pl.set_defaults(func=_plan)
 
-    r = sub.add_parser("run", help="run every experiment of each file and log to MLflow")
+    r = sub.add_parser(
+        "run",
+        help="run every experiment of each file (on one Dask cluster) and log to MLflow",
+        description="Run hypothesis files: stages and times on stderr, results on stdout, one "
+        "MLflow parent run per file. Several files share one Dask cluster, started once.",
+    )
     with_file(r, many=True)
+    r.add_argument(
+        "--only",
+        metavar="NAME[,NAME]",
+        action="append",
+        help="run only these experiments of each file (by name; repeatable); their jobs are "
+        "those of a whole-file run, so cached results are shared",
+    )
+    r.add_argument(
+        "--emit",
+        action="store_true",
+        help="write each circuit_discovery's discovered.yaml beside its file, as "
+        "<file stem>.<experiment>.discovered.yaml (an edited copy is never overwritten)",
+    )
     r.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
-    r.add_argument("--experiment", default="mi_spec", help="MLflow experiment name")
+    r.add_argument(
+        "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or mi_spec)"
+    )
     r.add_argument("--cache-dir", default=".mi_spec_cache", help="job result cache")
     r.add_argument("--no-cache", action="store_true", help="recompute every job")
     r.add_argument(
@@ -92,6 +113,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--scheduler", metavar="tcp://HOST:8786", help="run on an existing Dask scheduler"
+    )
+    loud = r.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only errors and one summary line per study (with its MLflow link)",
+    )
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also a line per job, Dask's and MLflow's own INFO logs",
     )
     r.set_defaults(func=_run)
 
@@ -104,14 +138,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from mi_spec import api
-
     failed = 0
     for f in args.files:
         try:
-            if args.static:
+            if args.static:  # imports neither torch nor the model's code
                 _validate_static(f, args.overrides)
                 continue
+            from mi_spec import api
+
             plan = api.validate(f, args.overrides)
             print(
                 f"ok: {f} ({len(plan.experiments)} experiments, {len(plan.jobs)} jobs, "
@@ -147,21 +181,76 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mi_spec import api
-    from mi_spec.tracking.mlflow_tracker import MlflowTracker
+    from mi_spec.schedule.progress import Console  # light: says something before the imports
 
-    for path in args.files:  # one parent run per file, all in the same store
-        tracker = MlflowTracker(args.tracking_uri, experiment=args.experiment)
-        result = api.run(
-            path,
-            tracker,
-            args.overrides,
-            cache_dir=None if args.no_cache else args.cache_dir,
-            runner=args.runner,
-            scheduler=args.scheduler,
-        )
-        _print_reports(result)
+    verbosity = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
+    console = Console(verbosity=verbosity)
+    console.files = n = len(args.files)
+    where = args.scheduler or args.runner
+    console.say(f"mi-spec run: {n} file{'s' if n != 1 else ''}, runner {where}")
+    only = (
+        [n.strip() for arg in args.only for n in arg.split(",") if n.strip()] if args.only else None
+    )
+    try:
+        with console.stage("importing torch, MLflow"):
+            from mi_spec import api
+            from mi_spec.schedule.dispatch import RunnerSession
+            from mi_spec.tracking.mlflow_tracker import MlflowTracker
+
+            _quiet_libraries(verbose=args.verbose)
+        with RunnerSession(args.runner, args.scheduler, console) as session:
+            for path in args.files:  # one parent run per file, all in one store
+                tracker = MlflowTracker(args.tracking_uri, experiment=args.experiment)
+                result = api.run(
+                    path,
+                    tracker,
+                    args.overrides,
+                    cache_dir=None if args.no_cache else args.cache_dir,
+                    session=session,
+                    console=console,
+                    only=only,
+                )
+                link = run_link(tracker)
+                if not args.quiet:  # quiet: the summary line (stderr) and the link alone
+                    _print_reports(result)
+                if args.emit:
+                    from mi_spec.experiments.discovered_yaml import emit_beside
+
+                    for line in emit_beside(path, result.reports):
+                        print(line, flush=True)
+                print(f"{'' if args.quiet else chr(10)}MLflow: {link}", flush=True)
+        console.end_command()
+    finally:
+        console.close()
     return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Dask's and MLflow's own logs: INFO with ``-v``; else Dask's errors only (its warnings are
+    about its housekeeping: a worker killed at shutdown, a busy event loop) and MLflow's
+    warnings. Dask's level goes through the environment, which distributed reads when imported
+    (later, when a cluster starts), here and in the worker processes; a level already set there
+    wins."""
+    level = os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "error")
+    if "distributed" in sys.modules:  # imported already (by a caller of `main`)
+        logging.getLogger("distributed").setLevel(level.upper())
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def run_link(tracker: object) -> str | None:
+    """The MLflow page of the study's parent run just made (the runs table if there is none).
+
+    `MlflowTracker.run_url` says how to reach the experiment's runs table (a URL, or for a local
+    store the ``mi-spec ui`` command and the page); the run's page is that table's address with
+    ``runs/<run id>`` in place of the table.
+    """
+    url = getattr(tracker, "run_url", lambda: None)()
+    run_id = getattr(tracker, "parent_run_id", None)
+    table = "/runs?workflowType=machine_learning"
+    if url and run_id and table in url:
+        return url.replace(table, f"/runs/{run_id}")
+    return url
 
 
 def _print_reports(result: RunResult) -> None:
@@ -179,7 +268,6 @@ def _print_reports(result: RunResult) -> None:
             print(f"  {k:<34} {v}")
         for w in report.warnings:
             print(f"  warning: {w}")
-    print(f"\nMLflow: {result.run_url}")
 
 
 def _schema(args: argparse.Namespace) -> int:

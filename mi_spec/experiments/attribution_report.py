@@ -4,6 +4,7 @@ the disagreement warnings, the estimate-vs-truth scatter and the estimates heatm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,14 +99,26 @@ def attribution_report(
         f"real {'path' if spec.level == 'edge' else 'activation'} patching (Δ {ctx.metric.kind})",
         highlight=highlight,
         y_err=([row["true_ci_low"] for row in table], [row["true_ci_high"] for row in table]),
+        notes=_degenerate_note(rho, est.shape[1], len(chosen)),
     )
     sites = [f"{it[0]}@{it[1]}" if spec.level == "edge" else it[0] for it in items]
     cols = [str(it[2]) if spec.level == "edge" else str(it[1]) for it in items]
     grid = SweepValues(labels, sites, cols, np.zeros(1), None, est)
     rep.figures["attribution_heatmap.png"] = _heatmap(
-        f"{name} (estimates)", grid, est_ci[0], f"estimated Δ {ctx.metric.kind}"
-    )
+        f"{name} (estimates)", grid, est_ci[0], f"estimated Δ {ctx.metric.kind}", est_ci[1:],
+        names=("sender @ position", "receiver") if spec.level == "edge" else ("site", "position"),
+    )  # fmt: skip
     return rep
+
+
+def _degenerate_note(rho: Sequence[float], n_examples: int, n_items: int) -> list[str]:
+    """Why the Spearman CI in the scatter's title has zero width, when it has."""
+    if rho[1] != rho[2]:
+        return []
+    return [
+        f"Spearman CI of zero width: degenerate bootstrap, every resample of the {n_examples} "
+        f"examples ranks the {n_items} verified items the same way (items with ~0 effect tie)."
+    ]
 
 
 def _item_columns(item: list[Any]) -> dict[str, str]:

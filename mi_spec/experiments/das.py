@@ -24,7 +24,6 @@ from itertools import product
 from typing import Any, Literal
 
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from pydantic import Field, PositiveInt
 
 from mi_spec.analysis.figures import _figure, _png, bars_png
@@ -137,6 +136,34 @@ class DasSpec(ExperimentSpec):
         return self.dim if isinstance(self.dim, list) else [self.dim]
 
 
+def _check_init(spec: DasSpec, ctx: CompileContext, sites: list[str]) -> None:
+    """``init: <file>`` names a rotation a DAS run saved, of this intervention, as wide as each
+    site (where the site's width is known before the model runs)."""
+    from pathlib import Path
+
+    from mi_spec.execute.das_op import load_rotation
+
+    path = Path(spec.init) if Path(spec.init).is_absolute() else Path(ctx.base_dir) / spec.init
+    if not path.is_file():
+        raise ValueError(
+            f"das: init rotation file not found: {path} (init: random | identity | a "
+            "rotation_<config>.pt artifact of a DAS run, relative to this file)"
+        )
+    try:
+        saved = load_rotation(path)
+        rows, kind = int(saved["rotation"].shape[0]), saved.get("kind")
+    except Exception as e:  # not a rotation mi_spec wrote
+        raise ValueError(f"das: {path} is not a rotation saved by a DAS run: {e}") from None
+    if kind is not None and kind != spec.intervention:
+        raise ValueError(
+            f"das: {path} holds a {kind} rotation; this experiment is {spec.intervention}"
+        )
+    for site in dict.fromkeys(sites):
+        width = ctx.bind(site).width
+        if width is not None and width != rows:
+            raise ValueError(f"das: {path} rotates {rows} dimensions; site {site} has {width}")
+
+
 class Das:
     spec = DasSpec
 
@@ -154,6 +181,8 @@ class Das:
         for _, pos in configs:
             if isinstance(pos, str) and pos not in ctx.positions:
                 raise ValueError(f"das: unknown position {pos!r}; named: {sorted(ctx.positions)}")
+        if spec.init not in ("random", "identity"):
+            _check_init(spec, ctx, [site for site, _ in configs])
         sets = [[v] for v in names] if spec.swap != "all" else []
         sets += [names] if spec.swap != "each" and (len(names) > 1 or not sets) else []
         rng = random.Random(spec.seed)
@@ -289,6 +318,8 @@ def _curve(title: str, stats: dict) -> bytes:
         m = _LAYER.match(config)
         key = _LAYER.sub("L*.", config) if m else "configs"
         lines[key].append((int(m[1]) if m else i, est[0], low[0], high[0]))
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(width=7.0, height=4.5)
     ax = fig.add_subplot()
     for key, pts in lines.items():
@@ -300,7 +331,7 @@ def _curve(title: str, stats: dict) -> bytes:
     ax.set_ylabel("IIA (test pairs)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=12)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     return _png(fig)
 

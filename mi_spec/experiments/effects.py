@@ -67,6 +67,8 @@ def sweep_report(
         norm = bootstrap_ratio_ci(
             values.variants - values.clean, values.source - values.clean, seed=seed
         )
+        ratio = f"{prefix}.effect_norm (÷ source − clean)"
+        rep.warnings += near_zero_denominator(ratio, values.source, values.clean, seed)
     score = norm if norm is not None else effects
     rows = []
     for i, label in enumerate(values.labels):
@@ -93,7 +95,8 @@ def sweep_report(
     rep.params = {"top_site": values.labels[top], "n_examples": len(values.clean)}
     rep.tables["effects.csv"] = rows
     what = "normalised effect" if norm is not None else f"Δ {metric_kind}"
-    rep.figures["heatmap.png"] = _heatmap(name, values, score[0], what)
+    vlim = 1.0 if norm is not None else None
+    rep.figures["heatmap.png"] = _heatmap(name, values, score[0], what, score[1:], vlim)
     return rep
 
 
@@ -109,22 +112,60 @@ def _put(rep: ExperimentReport, key: str, ci, headline: bool = False) -> None:
             rep.headline[k] = v
 
 
-def _heatmap(title: str, values: SweepValues, score: np.ndarray, what: str) -> bytes:
-    """Layer × head when every variant is one head at one position; else site × position."""
+def _heatmap(
+    title: str,
+    values: SweepValues,
+    score: np.ndarray,
+    what: str,
+    ci: tuple[np.ndarray, np.ndarray] | None = None,
+    vlim: float | None = None,
+    names: tuple[str, str] = ("site", "position"),
+) -> bytes:
+    """Layer × head when every variant is one head at one position; else site × position.
+    ``ci``: (low, high) per variant; ``vlim``: the colour limit (1 for normalised effects);
+    ``names``: what rows and columns are, when not layer × head."""
+    bounds = ci if ci is not None else (np.full(len(score), np.nan),) * 2
     heads = [_HEAD.match(s) for s in values.sites]
     if all(heads) and len(set(values.positions)) == 1:
         layers = sorted({int(m[1]) for m in heads if m})
         n_heads = max(int(m[2]) for m in heads if m) + 1
-        grid = [[float("nan")] * n_heads for _ in layers]
-        for m, v in zip(heads, score, strict=True):
-            if m:
-                grid[layers.index(int(m[1]))][int(m[2])] = float(v)
+        cell = [(layers.index(int(m[1])), int(m[2])) for m in heads if m]
         part = {m[3] or "" for m in heads if m}
-        cols = [f"H{h}{''.join(part)}" for h in range(n_heads)]
-        return heatmap_png(grid, [f"L{x}" for x in layers], cols, title, what)
-    sites = list(dict.fromkeys(values.sites))
-    positions = list(dict.fromkeys(values.positions))
-    grid = [[float("nan")] * len(positions) for _ in sites]
-    for s, p, v in zip(values.sites, values.positions, score, strict=True):
-        grid[sites.index(s)][positions.index(p)] = float(v)
-    return heatmap_png(grid, sites, positions, title, what)
+        rows, cols = [f"L{x}" for x in layers], [f"H{h}{''.join(part)}" for h in range(n_heads)]
+        axes = {"ylabel": "layer", "xlabel": f"head (position {values.positions[0]})"}
+    else:
+        rows, cols = list(dict.fromkeys(values.sites)), list(dict.fromkeys(values.positions))
+        cell = [
+            (rows.index(s), cols.index(p))
+            for s, p in zip(values.sites, values.positions, strict=True)
+        ]
+        axes = {"ylabel": names[0], "xlabel": names[1]}
+    grids = [np.full((len(rows), len(cols)), np.nan) for _ in range(3)]
+    for i, (r, c) in enumerate(cell):
+        for grid, v in zip(grids, (score, *bounds), strict=True):
+            grid[r, c] = v[i]
+    est, low, high = (g.tolist() for g in grids)
+    band = (low, high) if ci is not None else None
+    return heatmap_png(est, rows, cols, title, what, band, vlim=vlim, **axes)
+
+
+NEAR_ZERO = 0.05  # a ratio's denominator below this share of the metric's scale is "near zero"
+
+
+def near_zero_denominator(what: str, a: np.ndarray, b: np.ndarray, seed: int) -> list[str]:
+    """A warning (or none) for a ratio over mean(a − b) (per-example ``a``, ``b``) whose
+    denominator is near zero: its bootstrap CI contains 0, or |mean| < NEAR_ZERO × the scale of
+    the metric (the larger of |mean| and standard deviation of ``a`` and of ``b``)."""
+    est, low, high = (float(x) for x in bootstrap_ci(a - b, seed=seed))
+    scale = max(abs(float(np.mean(x))) for x in (a, b))
+    scale = max(scale, float(np.std(a)), float(np.std(b)))
+    why = [] if low > 0 or high < 0 else ["its CI contains 0"]
+    if abs(est) < NEAR_ZERO * scale:
+        why.append(f"|{est:.3g}| < {NEAR_ZERO:.0%} of the metric's scale {scale:.3g}")
+    if not why:
+        return []
+    return [
+        f"{what}: the denominator {est:.3g} [{low:.3g}, {high:.3g}] is near zero "
+        f"({' and '.join(why)}): the ratio and its CI are unreliable; the model barely tells "
+        "the two inputs apart on this metric"
+    ]

@@ -309,13 +309,15 @@ def _heatmap(title: str, pairs: list[PathPair], score: tuple[np.ndarray, ...], w
     row_of = [f"{p.sender}@{p.pos}" if several else p.sender for p in pairs]
     rows = list(dict.fromkeys(row_of))
     cols = list(dict.fromkeys(p.receiver_label for p in pairs))
-    grid = np.full((len(rows), len(cols)), np.nan)
-    half = np.full_like(grid, np.nan)
+    grid, low, high = (np.full((len(rows), len(cols)), np.nan) for _ in range(3))
     for i, p in enumerate(pairs):
         r, c = rows.index(row_of[i]), cols.index(p.receiver_label)
-        grid[r, c] = score[0][i]
-        half[r, c] = (score[2][i] - score[1][i]) / 2
-    return heatmap_png(grid.tolist(), rows, cols, title, what, ci_halfwidth=half.tolist())
+        grid[r, c], low[r, c], high[r, c] = score[0][i], score[1][i], score[2][i]
+    return heatmap_png(
+        grid.tolist(), rows, cols, title, what, (low.tolist(), high.tolist()),
+        xlabel="receiver", ylabel="sender" + (" @ position" if several else ""),
+        vlim=1.0 if what == "normalised effect" else None,
+    )  # fmt: skip
 
 
 register(PathPatching())

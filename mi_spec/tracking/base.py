@@ -25,13 +25,15 @@ class Tracker(Protocol):
     `check` raises `MiSpecError` when the tracker cannot record anything (an unreachable store);
     it runs before the model is loaded, so such a study fails before any compute.
     `finish` must be safe to call after a failed or missing `start` (it then does nothing).
+    `log_experiment` may be given the experiment's compute time in seconds (`compute_s`: the sum
+    of its jobs' ``seconds``); a tracker that records durations uses it, others ignore it.
     """
 
     def check(self) -> None: ...
 
     def start(self, study: StudyRecord) -> None: ...
 
-    def log_experiment(self, report: ExperimentReport) -> None: ...
+    def log_experiment(self, report: ExperimentReport, compute_s: float | None = None) -> None: ...
 
     def finish(self, status: RunStatus, error: str | None = None) -> None: ...
 
@@ -96,6 +98,7 @@ class InMemoryTracker:
 
     study: StudyRecord | None = None
     reports: list[ExperimentReport] = field(default_factory=list)
+    compute_s: dict[str, float | None] = field(default_factory=dict)  # report name -> seconds
     status: RunStatus | None = None
     error: str | None = None
     started: bool = False
@@ -109,11 +112,12 @@ class InMemoryTracker:
             raise RuntimeError("InMemoryTracker.start called twice")
         self.study, self.started = study, True
 
-    def log_experiment(self, report: ExperimentReport) -> None:
-        """Record one report."""
+    def log_experiment(self, report: ExperimentReport, compute_s: float | None = None) -> None:
+        """Record one report (and its compute time, when given)."""
         if not self.started or self.status is not None:
             raise RuntimeError("log_experiment outside start()/finish()")
         self.reports.append(report)
+        self.compute_s[report.name] = compute_s
 
     def finish(self, status: RunStatus, error: str | None = None) -> None:
         """Record the final status (no-op if never started)."""

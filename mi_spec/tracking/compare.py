@@ -15,7 +15,7 @@ import json
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -25,9 +25,11 @@ from mlflow.tracking import MlflowClient
 from mi_spec.errors import MiSpecError
 from mi_spec.tracking.mlflow_tracker import (
     CI_SUFFIXES,
+    DEFAULT_EXPERIMENT,
     HEADLINE_TAG,
     HYPOTHESIS_TAG,
     KIND_TAG,
+    experiment_label,
     probe_http,
     resolve_tracking_uri,
 )
@@ -47,7 +49,7 @@ class Query:
     match exactly; ``metrics`` are globs over metric names (the CI companions follow their metric).
     """
 
-    experiment: str = "mi_spec"
+    experiment: str = DEFAULT_EXPERIMENT
     hypotheses: Sequence[str] = ()
     kinds: Sequence[str] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
@@ -152,10 +154,22 @@ def _filter_string(query: Query) -> str:
     for key, values in ((HYPOTHESIS_TAG, query.hypotheses), (KIND_TAG, query.kinds)):
         if len(values) == 1 and not _GLOB & set(values[0]):
             exact.setdefault(key, values[0])
-    for key, value in exact.items():
-        if "'" not in value and "`" not in key:
-            clauses.append(f"tags.`{key}` = '{value}'")
-    return " AND ".join(clauses)
+    return " AND ".join(clauses + [tag_clause(k, v) for k, v in exact.items()])
+
+
+def tag_clause(key: str, value: str) -> str:
+    """``tags.`key` = 'value'`` in MLflow's search syntax, which has no escape character: the
+    key goes in backticks or double quotes, the value in single or double quotes, whichever it
+    does not contain; MiSpecError when it contains both."""
+    key_q = next((q for q in '`"' if q not in key), None)
+    value_q = next((q for q in "'\"" if q not in value), None)
+    if key_q is None or value_q is None:
+        raise MiSpecError(
+            f"--tag {key}={value}: MLflow's search syntax cannot quote a tag "
+            + ('name holding both ` and "' if key_q is None else "value holding both ' and \"")
+            + "; filter on another tag"
+        )
+    return f"tags.{key_q}{key}{key_q} = {value_q}{value}{value_q}"
 
 
 def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
@@ -184,7 +198,7 @@ def _row(run: Any, query: Query) -> Row:
         hypothesis=tags.get(HYPOTHESIS_TAG, ""),
         kind=tags.get(KIND_TAG, ""),
         status=run.info.status,
-        start_time=datetime.fromtimestamp(start / 1000, tz=timezone.utc) if start else None,
+        start_time=datetime.fromtimestamp(start / 1000, tz=UTC) if start else None,
         parent_run_id=tags.get("mlflow.parentRunId", ""),
         metrics={
             n: (metrics[n], metrics.get(f"{n}.ci_low"), metrics.get(f"{n}.ci_high")) for n in names
@@ -256,14 +270,16 @@ Column = tuple[str, list[str]]  # header, cells (already cut to MAX_CELL)
 def _table(rows: Sequence[Row], width: int) -> str:
     """Experiment (the run name less its hypothesis), hypothesis, status, start, parent id, then
     the metrics; metric columns that do not fit in `width` go to panels below, each led by the
-    experiment column."""
+    experiment and hypothesis columns (so v1's rows stay apart from v2's)."""
     started = [
         r.start_time.astimezone().strftime("%Y-%m-%d %H:%M") if r.start_time else "" for r in rows
     ]
-    run = _column("experiment", [_label(r) for r in rows])
-    group = [
-        run,
+    lead = [
+        _column("experiment", [experiment_label(r.run, r.hypothesis) for r in rows]),
         _column("hypothesis", [r.hypothesis for r in rows]),
+    ]
+    group = [
+        *lead,
         _column("status", [r.status for r in rows]),
         _column("started", started),
         _column("parent", [r.parent_run_id[:8] for r in rows]),
@@ -272,20 +288,12 @@ def _table(rows: Sequence[Row], width: int) -> str:
     panels = []
     for name in names:
         col = _column(name, [_estimate(r.metrics.get(name)) for r in rows])
-        if len(group) > 1 and _width([*group, col]) > width:
+        if len(group) > len(lead) and _width([*group, col]) > width:
             panels.append(group)
-            group = [run]
+            group = list(lead)
         group.append(col)
     panels.append(group)
     return "\n\n".join(_lines(p) for p in panels)
-
-
-def _label(row: Row) -> str:
-    """The run name without its ``@<hypothesis>`` (the hypothesis has its own column)."""
-    name, at, rest = row.run.rpartition("@")
-    if at and row.hypothesis and (rest == row.hypothesis or rest.startswith(f"{row.hypothesis}#")):
-        return name + rest[len(row.hypothesis) :]
-    return row.run
 
 
 def _column(header: str, cells: list[str]) -> Column:

@@ -13,13 +13,18 @@ Layout of what gets logged:
   ``mi_spec.warnings`` (the count) and ``mi_spec.headline`` (the headline metric names, comma
   separated, without their ``.ci_low``/``.ci_high`` companions).
 
-Headline collision rule: a headline metric is logged on the parent under its own name the first
-time that name is seen. When a later experiment has a headline name that is already on the
-parent (e.g. two ``activation_patching`` experiments both reporting ``patch.max_effect``), *all*
-of that experiment's headline metrics are logged as ``<experiment>/<metric>``, where
-``<experiment>`` is the report name sanitized to ``[A-Za-z0-9_.-]`` (other characters become
-``_``, e.g. ``activation_patching@ioi`` → ``activation_patching_ioi``). The same sanitized name is
-the folder of the experiment's figures on the parent.
+Parent metric names: every headline metric is logged on the parent as ``<experiment>/<metric>``,
+where ``<experiment>`` is the experiment's label (its run name without ``@<hypothesis>``)
+sanitized to ``[A-Za-z0-9_.-]`` (other characters become ``_``), e.g. ``heads/patch.max_effect``.
+The key does not name the hypothesis, so the same experiment of two hypotheses (v1 and v2 of a
+study) shares one key and lands on one chart of the MLflow UI. The same name is the folder of the
+experiment's figures on the parent.
+
+Also logged: the hypothesis's ``description`` as the parent's note (``mlflow.note.content``);
+each table a second time with ``log_table`` (``<table>.json``, which the UI's evaluation view
+compares across runs; MLflow writes it to 10 decimal places, the CSV stays exact); and, when
+`log_experiment` is given the experiment's compute time, child run start/end times that span it
+(end = when it was logged, start = end − compute time).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from mi_spec.errors import MiSpecError
 from mi_spec.tracking.base import RunStatus, flatten_params, truncate
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "mi_spec"
 BATCH_LIMIT = 100  # MLflow allows 100 params/tags per log_batch call
 ERROR_TAG_LIMIT = 5000
 KEY_LIMIT = 250  # MLflow's max param/metric/tag key length
@@ -57,6 +63,7 @@ TAG_VALUE_LIMIT = 5000  # under MLflow's 8000
 KIND_TAG = "mi_spec.kind"
 HYPOTHESIS_TAG = "mi_spec.hypothesis"
 HEADLINE_TAG = "mi_spec.headline"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 CI_SUFFIXES = (".ci_low", ".ci_high")
 
 _PROBE_TIMEOUT_S = 10.0
@@ -65,6 +72,20 @@ _PROBE_TIMEOUT_S = 10.0
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """Explicit argument > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` (current directory)."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def resolve_experiment(experiment: str | None = None) -> str:
+    """Explicit argument > ``MLFLOW_EXPERIMENT_NAME`` > ``mi_spec``."""
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def experiment_label(run_name: str, hypothesis: str) -> str:
+    """A child run's name without its ``@<hypothesis>`` (``heads@induction`` → ``heads``,
+    ``heads@induction#2`` → ``heads#2``); other names unchanged."""
+    name, at, rest = run_name.rpartition("@")
+    if at and hypothesis and (rest == hypothesis or rest.startswith(f"{hypothesis}#")):
+        return name + rest[len(hypothesis) :]
+    return run_name
 
 
 def sanitize_name(name: str) -> str:
@@ -83,20 +104,22 @@ def mlflow_key(key: str) -> str:
 class MlflowTracker:
     """Logs a study to MLflow. See the module docstring for the run/artifact layout.
 
-    Attributes set by `start` (and kept after `finish`): `parent_run_id`, `experiment_id`.
+    Attributes set by `start` (and kept after `finish`): `parent_run_id`, `experiment_id`;
+    `child_run_ids` maps each logged child run's name to its id.
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "mi_spec"):
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.experiment = experiment
+        self.experiment = resolve_experiment(experiment)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._client: MlflowClient | None = None
         self._parent_open = False
         self._child_run_id: str | None = None
         self._child_names: set[str] = set()
-        self._parent_metric_keys: set[str] = set()
+        self.child_run_ids: dict[str, str] = {}
         self._study_tags: dict[str, str] = {}
+        self._hypothesis = ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -112,6 +135,10 @@ class MlflowTracker:
         self.check()
         tags = {mlflow_key(k): truncate(str(v), TAG_VALUE_LIMIT) for k, v in study.tags.items()}
         self._study_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
+        self._hypothesis = str(study.tags.get(HYPOTHESIS_TAG, study.name))
+        description = str(study.params.get("description") or "")
+        if description and NOTE_TAG not in tags:
+            tags[NOTE_TAG] = truncate(description, TAG_VALUE_LIMIT)
         run = self._client.create_run(
             self.experiment_id, run_name=study.name, tags=resolve_tags(tags)
         )
@@ -127,12 +154,19 @@ class MlflowTracker:
                 self.finish("FAILED", error=f"{type(e).__name__}: {e}")
             raise
 
-    def log_experiment(self, report: ExperimentReport) -> None:
-        """Log `report` as a finished child run; copy its headline metrics and figures to the parent."""
+    def log_experiment(self, report: ExperimentReport, compute_s: float | None = None) -> None:
+        """Log `report` as a finished child run; copy its headline metrics and figures to the parent.
+
+        `compute_s`, the experiment's compute time (its jobs' seconds), makes the child run span
+        that long, ending now; without it the run spans the logging itself.
+        """
         client, parent = self._require_started()
         name = self._unique_child_name(report.name)
+        end_ms = int(time.time() * 1000)
+        start_ms = end_ms - round(compute_s * 1000) if compute_s is not None else None
         run = client.create_run(
             self.experiment_id,
+            start_time=start_ms,
             run_name=name,
             tags={
                 **self._study_tags,
@@ -142,18 +176,18 @@ class MlflowTracker:
                 HEADLINE_TAG: truncate(",".join(headline_names(report.headline)), TAG_VALUE_LIMIT),
             },
         )
-        self._child_run_id = child = run.info.run_id
+        self._child_run_id = self.child_run_ids[name] = child = run.info.run_id
         try:
             self._log_params(child, flatten_params(report.params))
             self._log_metrics(child, report.metrics)
             self._log_series(child, report.series)
             self._log_files(child, _report_files(report))
-            client.set_terminated(child, "FINISHED")
+            self._log_tables(child, report.tables)
+            client.set_terminated(child, "FINISHED", end_time=None if start_ms is None else end_ms)
             self._child_run_id = None
-            self._log_metrics(parent, self._parent_headline(name, report.headline))
-            figures = {
-                f"{sanitize_name(name)}/{_png_name(n)}": b for n, b in report.figures.items()
-            }
+            label = sanitize_name(experiment_label(name, self._hypothesis))
+            self._log_metrics(parent, parent_headline(label, report.headline))
+            figures = {f"{label}/{_png_name(n)}": b for n, b in report.figures.items()}
             self._log_files(parent, figures)
         except BaseException:
             self._end_child("FAILED")
@@ -197,7 +231,7 @@ class MlflowTracker:
             return f"{self.tracking_uri.rstrip('/')}/{fragment}"
         if scheme in ("sqlite", "file", "") or _is_windows_path(self.tracking_uri):
             cmd = f"mi-spec ui --tracking-uri {shlex.quote(self.tracking_uri)}"
-            if self.experiment != "mi_spec":
+            if self.experiment != DEFAULT_EXPERIMENT:
                 cmd += f" --experiment {shlex.quote(self.experiment)}"
             return f"{cmd}  # then open http://127.0.0.1:5000/{fragment}"
         return None
@@ -263,14 +297,6 @@ class MlflowTracker:
         self._child_names.add(unique)
         return unique
 
-    def _parent_headline(self, name: str, headline: Mapping[str, float]) -> dict[str, float]:
-        """Headline metrics as named on the parent (see the collision rule in the module doc)."""
-        keys = {mlflow_key(k): v for k, v in headline.items()}
-        if self._parent_metric_keys & keys.keys():
-            keys = {mlflow_key(f"{sanitize_name(name)}/{k}"): v for k, v in keys.items()}
-        self._parent_metric_keys |= keys.keys()
-        return keys
-
     def _end_child(self, status: RunStatus) -> None:
         if self._child_run_id is not None and self._client is not None:
             child, self._child_run_id = self._child_run_id, None
@@ -298,6 +324,13 @@ class MlflowTracker:
         for chunk in _chunks(entries, BATCH_LIMIT):
             self._client.log_batch(run_id, metrics=chunk)
 
+    def _log_tables(self, run_id: str, tables: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Each table as an MLflow table (``<name>.json``), comparable across runs in the UI."""
+        for name, rows in tables.items():
+            if rows:
+                stem = name[:-4] if name.lower().endswith(".csv") else name
+                self._client.log_table(run_id, _table_frame(rows), f"{sanitize_name(stem)}.json")
+
     def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
         """Upload `files` (relative path → bytes) in one call, keeping their folders."""
         if not files:
@@ -308,6 +341,11 @@ class MlflowTracker:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             self._client.log_artifacts(run_id, tmp)
+
+
+def parent_headline(experiment: str, headline: Mapping[str, float]) -> dict[str, float]:
+    """Headline metrics as named on the parent: ``<experiment>/<metric>`` (see the module doc)."""
+    return {mlflow_key(f"{experiment}/{k}"): v for k, v in headline.items()}
 
 
 def headline_names(headline: Mapping[str, float]) -> list[str]:
@@ -341,6 +379,14 @@ def _report_files(report: ExperimentReport) -> dict[str, bytes]:
     if report.warnings:
         files["warnings.txt"] = ("\n".join(report.warnings) + "\n").encode()
     return files
+
+
+def _table_frame(rows: list[dict[str, Any]]) -> Any:
+    """Rows as a pandas DataFrame, columns in first-seen order (as in the CSV)."""
+    import pandas as pd
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return pd.DataFrame.from_records(rows, columns=columns)
 
 
 def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:

@@ -41,11 +41,32 @@ def test_run_logs_parent_children_metrics_artifacts(study_file, tracking_uri, ca
         m["patch.metric.clean.ci_low"] <= m["patch.metric.clean"] <= m["patch.metric.clean.ci_high"]
     )
     assert len([k for k in m if k.startswith("patch.effect.L")]) == 3 * 8
-    assert "patch.max_effect" in parent.data.metrics  # headline copied to the parent
+    # headline copied to the parent as <experiment>/<metric>
+    assert parent.data.metrics["heads/patch.max_effect"] == m["patch.max_effect"]
+    assert "zero-L1/ablation.max_effect" in parent.data.metrics
     root = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"resolved.yaml", "hypothesis.yaml", "plan.json"} <= root
     files = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"heatmap.png", "effects.csv"} <= files
+
+
+def test_child_runs_span_the_compute_time(study_file, tracking_uri):
+    """Each child run lasts its experiment's compute time (the jobs' seconds), not the logging."""
+    given: dict[str, float | None] = {}
+
+    class Recording(MlflowTracker):
+        def log_experiment(self, report, compute_s=None):
+            given[report.name] = compute_s
+            super().log_experiment(report, compute_s)
+
+    tracker = Recording(tracking_uri)
+    result = api.run(study_file(BODY, name="timed"), tracker, cache_dir=None, runner="synchronous")
+    client = MlflowClient(tracking_uri)
+    assert set(tracker.child_run_ids) == {r.name for r in result.reports} == set(given)
+    for name, run_id in tracker.child_run_ids.items():
+        info = client.get_run(run_id).info
+        assert given[name] is not None and given[name] > 0
+        assert info.end_time - info.start_time == round(given[name] * 1000)
 
 
 def test_failed_study_is_marked_failed(study_file, tracking_uri, monkeypatch):

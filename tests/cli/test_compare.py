@@ -212,3 +212,82 @@ def test_unreachable_server(capsys, monkeypatch):
         port = s.getsockname()[1]
     assert main(["compare", "--tracking-uri", f"http://127.0.0.1:{port}"]) == 1
     assert "cannot reach MLflow tracking server" in capsys.readouterr().err
+
+
+def test_continuation_panels_lead_with_experiment_and_hypothesis(compare, monkeypatch):
+    """With every metric of v1 and v2 the table needs several panels; each starts with the
+    experiment and the hypothesis, so every row says whose it is."""
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = compare("--kind", "activation_patching", "--all-metrics")
+    assert code == 0
+    panels = out.split("\n\n")[1:]  # after the "activation_patching (4 runs)" line
+    assert len(panels) > 2
+    want = {
+        (e, h)
+        for e in ("heads", "residual")
+        for h in ("induction-patching", "induction-patching-v2")
+    }
+    for panel in panels:
+        header, rule, *lines = panel.splitlines()
+        assert header.split()[:2] == ["experiment", "hypothesis"], header
+        assert {tuple(line.split()[:2]) for line in lines} == want
+        assert max(len(line) for line in panel.splitlines()) <= 120
+
+
+@pytest.fixture
+def quoted_store(tmp_path, monkeypatch):
+    """Two studies whose ``mi_spec.author`` tags differ only by quotes (synthetic reports)."""
+    from mi_spec.analysis.report import ExperimentReport, StudyRecord
+    from mi_spec.tracking.base import tracking
+    from mi_spec.tracking.mlflow_tracker import MlflowTracker
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path}/quoted.db"
+    for name, author in (("a", "O'Neil"), ("b", "ONeil"), ("c", 'say "hi"'), ("d", 'it\'s "x"')):
+        tracker = MlflowTracker(uri)
+        study = StudyRecord(name, {}, {"mi_spec.hypothesis": name, "mi_spec.author": author}, {})
+        with tracking(tracker, study):
+            tracker.log_experiment(ExperimentReport(f"heads@{name}", "activation_patching"))
+    return uri
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [
+        ("O'Neil", {"heads@a"}),
+        ("ONeil", {"heads@b"}),
+        ('say "hi"', {"heads@c"}),
+        ("nobody's", set()),
+    ],
+)
+def test_tag_values_with_quotes_filter_exactly(quoted_store, capsys, tag, expected):
+    code = main(
+        [
+            "compare",
+            "--tracking-uri",
+            quoted_store,
+            "--format",
+            "json",
+            "--tag",
+            f"mi_spec.author={tag}",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0
+    assert {r["run"] for r in json.loads(out.out)} == expected
+
+
+def test_a_tag_value_with_both_quotes_is_refused(quoted_store, capsys):
+    code = main(["compare", "--tracking-uri", quoted_store, "--tag", 'mi_spec.author=it\'s "x"'])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert '--tag mi_spec.author=it\'s "x"' in err and "cannot quote" in err
+
+
+def test_experiment_name_from_the_environment(quoted_store, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "elsewhere")
+    assert main(["compare", "--tracking-uri", quoted_store]) == 0
+    assert "no experiment runs in experiment 'elsewhere'" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mi_spec")
+    assert main(["compare", "--tracking-uri", quoted_store, "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4

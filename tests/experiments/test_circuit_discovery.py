@@ -285,3 +285,18 @@ def test_emit_writes_beside_the_input_and_keeps_an_edited_copy(tmp_path):
     assert lines[0].startswith("kept ") and lines[1].endswith("study.eap-ig.discovered.new.yaml")
     assert (tmp_path / "study.eap-ig.discovered.yaml").read_text() == "named by hand"
     assert (tmp_path / "study.eap-ig.discovered.new.yaml").read_bytes() == b"a"
+
+
+def test_run_emit_writes_the_discovered_file_that_validates(tmp_path, tracking_uri, capsys):
+    """``mi-spec run FILE --emit``: the chosen circuit lands beside FILE and validates as written."""
+    from mi_spec.cli.main import main
+
+    path = _tiny(tmp_path, "{kind: circuit_discovery, name: found, method: eap, samples: 8}")
+    args = ["run", str(path), "--emit", "--no-cache", "--runner", "synchronous"]
+    args += ["--set", "data.params.n=400"]  # rows enough for the emitted scrubbing to agree
+    assert main(args) == 0
+    out = tmp_path / "tiny.found.discovered.yaml"
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = yaml.safe_load(out.read_text())
+    assert written["experiments"][0]["kind"] == "causal_scrubbing"
+    api.validate(out, ["experiments.0.samples=2"])

@@ -336,7 +336,7 @@ def test_sweep_boundless_mlflow_and_reuse(tmp_path, tracking_uri):
     parent, sweep = runs["eq"], runs["sweep@eq"]
     for key in ("das.iia", "das.iia.ci_low", "das.iia.ci_high", "das.control.random_rotation",
                 "das.control.base_label"):  # fmt: skip
-        assert key in sweep.data.metrics and key in parent.data.metrics
+        assert key in sweep.data.metrics and f"sweep/{key}" in parent.data.metrics
     assert len([k for k in sweep.data.metrics if k.startswith("das.iia.L")]) == 3 * 2 * 3
     history = client.get_metric_history(
         sweep.info.run_id, "das.train.loss.L0.resid_post.last.k4.seed0"
@@ -361,3 +361,11 @@ def test_sweep_boundless_mlflow_and_reuse(tmp_path, tracking_uri):
     )
     (report,) = _run(_equality(tmp_path, reuse)).reports
     assert report.metrics["das.iia"] == pytest.approx(bound.data.metrics["das.iia"], abs=1e-9)
+    # validate catches a rotation file that run would refuse: missing, another kind
+    for init, needle in [("nope.pt", "init rotation file not found"),
+                         (local, "holds a boundless rotation; this experiment is full")]:  # fmt: skip
+        wrong = reuse.replace("intervention: boundless", "intervention: full")
+        wrong = wrong.replace(json.dumps(local), json.dumps(init))
+        with pytest.raises(SpecError, match=needle) as err:
+            compile_file(_equality(tmp_path, wrong))
+        assert "experiments.0" in str(err.value)

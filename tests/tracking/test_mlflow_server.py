@@ -98,7 +98,7 @@ def test_runs_params_metrics_tags_over_rest(logged):
     assert heads.data.tags["mi_spec.kind"] == "activation_patching"
     m = heads.data.metrics
     assert m["patch.max_effect.ci_low"] <= m["patch.max_effect"] <= m["patch.max_effect.ci_high"]
-    assert parent.data.metrics["patch.max_effect"] == m["patch.max_effect"]
+    assert parent.data.metrics["heads/patch.max_effect"] == m["patch.max_effect"]
     (ds,) = parent.inputs.dataset_inputs
     assert ds.dataset.digest == parent.data.params["data.hash"]
     assert json.loads(ds.dataset.profile) == {"num_rows": 32}

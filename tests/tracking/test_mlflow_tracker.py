@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -11,15 +12,29 @@ from mlflow.tracking import MlflowClient
 from mi_spec.analysis.report import ExperimentReport, StudyRecord
 from mi_spec.errors import MiSpecError
 from mi_spec.tracking.base import InMemoryTracker, flatten_params, tracking
-from mi_spec.tracking.mlflow_tracker import MlflowTracker, mlflow_key, resolve_tracking_uri
+from mi_spec.tracking.mlflow_tracker import (
+    MlflowTracker,
+    experiment_label,
+    mlflow_key,
+    resolve_experiment,
+    resolve_tracking_uri,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+
+
+DESCRIPTION = "Which heads carry induction? Patching every head of the 2-layer model."
 
 
 def _study(name: str = "induction") -> StudyRecord:
     return StudyRecord(
         name=name,
-        params={"model": {"name": "tiny"}, "experiments": [{"samples": 8}], "seed": 0},
+        params={
+            "description": DESCRIPTION,
+            "model": {"name": "tiny"},
+            "experiments": [{"samples": 8}],
+            "seed": 0,
+        },
         tags={"mi_spec.version": "0.1.0"},
         artifacts={"resolved.yaml": "name: induction\n", "plan.json": "{}"},
     )
@@ -45,14 +60,20 @@ def uri(tmp_path, monkeypatch) -> str:
     return f"sqlite:///{tmp_path}/m.db"
 
 
+COMPUTE_S = 2.5  # the compute time given for the "residual" experiment
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory) -> tuple[MlflowClient, MlflowTracker]:
-    """One study with two same-kind experiments, logged once for the read-back tests."""
+    """A study with two same-kind experiments, then v2 of it with one, in one store."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db"
     tracker = MlflowTracker(uri, experiment="test")
     with tracking(tracker, _study()):
-        tracker.log_experiment(_report("activation_patching@a", effect=0.5))
-        tracker.log_experiment(_report("activation_patching@b", effect=0.7))
+        tracker.log_experiment(_report("heads@induction", effect=0.5))
+        tracker.log_experiment(_report("residual@induction", effect=0.7), compute_s=COMPUTE_S)
+    v2 = MlflowTracker(uri, experiment="test")
+    with tracking(v2, _study("induction-v2")):
+        v2.log_experiment(_report("heads@induction-v2", effect=0.6))
     return MlflowClient(uri), tracker
 
 
@@ -68,13 +89,19 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
 def test_parent_and_children_finished_with_names_and_params(logged):
     client, tracker = logged
     runs = _runs(client, tracker)
-    assert set(runs) == {"induction", "activation_patching@a", "activation_patching@b"}
+    assert set(runs) == {
+        "induction",
+        "heads@induction",
+        "residual@induction",
+        "induction-v2",
+        "heads@induction-v2",
+    }
     parent = runs["induction"]
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
     assert parent.data.params["model.name"] == "tiny"
     assert parent.data.params["experiments.0.samples"] == "8"
     assert parent.data.tags["mi_spec.version"] == "0.1.0"
-    child = runs["activation_patching@a"]
+    child = runs["heads@induction"]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.tags["mi_spec.kind"] == "activation_patching"
     assert child.data.tags["mi_spec.warnings"] == "1"
@@ -82,27 +109,73 @@ def test_parent_and_children_finished_with_names_and_params(logged):
     assert child.data.metrics == {"patch.max_effect": 0.5, "patch.max_effect.ci_low": 0.4}
 
 
-def test_headline_on_parent_with_collision_prefix(logged):
+def test_parent_metrics_are_named_by_experiment_the_same_across_hypotheses(logged):
     client, tracker = logged
-    parent = _runs(client, tracker)["induction"]
+    runs = _runs(client, tracker)
+    parent = runs["induction"]
     assert parent.info.run_id == tracker.parent_run_id
-    assert parent.data.metrics == {
-        "patch.max_effect": 0.5,
-        "activation_patching_b/patch.max_effect": 0.7,
-    }
+    assert parent.data.metrics == {"heads/patch.max_effect": 0.5, "residual/patch.max_effect": 0.7}
+    # v2's "heads" lands on the same key as v1's: one chart in the MLflow UI
+    assert runs["induction-v2"].data.metrics == {"heads/patch.max_effect": 0.6}
+
+
+def test_description_is_the_parent_runs_note(logged):
+    client, tracker = logged
+    runs = _runs(client, tracker)
+    assert runs["induction"].data.tags["mlflow.note.content"] == DESCRIPTION
+    assert "mlflow.note.content" not in runs["heads@induction"].data.tags
+
+
+def test_child_run_spans_the_compute_time(logged):
+    client, tracker = logged
+    runs = _runs(client, tracker)
+    timed, untimed = runs["residual@induction"].info, runs["heads@induction"].info
+    assert timed.end_time - timed.start_time == COMPUTE_S * 1000
+    assert timed.start_time < untimed.end_time  # it reaches back before the earlier child ended
+    assert 0 <= untimed.end_time - untimed.start_time < COMPUTE_S * 1000  # just the logging
+
+
+def test_tables_are_logged_as_mlflow_tables(logged):
+    client, tracker = logged
+    runs = _runs(client, tracker)
+    child = runs["heads@induction"]
+    assert json.loads(child.data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": "effects.json", "type": "table"}
+    ]
+    for name, effect in (("heads@induction", 0.5), ("heads@induction-v2", 0.6)):
+        path = client.download_artifacts(runs[name].info.run_id, "effects.json")
+        with open(path) as f:  # what log_table writes: pandas' "split" layout
+            table = json.load(f)
+        assert table["columns"] == ["site", "effect"]
+        assert table["data"] == [["L0", 0.1], ["L1", effect]]
+
+
+def test_experiment_label_and_name_precedence(monkeypatch):
+    assert experiment_label("heads@induction", "induction") == "heads"
+    assert experiment_label("heads@induction#2", "induction") == "heads#2"
+    assert experiment_label("heads@other", "induction") == "heads@other"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert (
+        resolve_experiment() == "mi_spec"
+        and MlflowTracker("sqlite:///x.db").experiment == "mi_spec"
+    )
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "induction-study")
+    assert MlflowTracker("sqlite:///x.db").experiment == "induction-study"
+    assert resolve_experiment("explicit") == "explicit"
 
 
 def test_artifacts(logged):
     client, tracker = logged
     runs = _runs(client, tracker)
-    parent, child = runs["induction"].info.run_id, runs["activation_patching@a"].info.run_id
-    assert {"resolved.yaml", "plan.json", "activation_patching_a", "activation_patching_b"} <= (
-        _artifacts(client, parent)
-    )
-    assert _artifacts(client, parent, "activation_patching_a") == {
-        "activation_patching_a/heatmap.png"
+    parent, child = runs["induction"].info.run_id, runs["heads@induction"].info.run_id
+    assert {"resolved.yaml", "plan.json", "heads", "residual"} <= _artifacts(client, parent)
+    assert _artifacts(client, parent, "heads") == {"heads/heatmap.png"}
+    assert _artifacts(client, child) == {
+        "effects.csv",
+        "effects.json",
+        "heatmap.png",
+        "warnings.txt",
     }
-    assert _artifacts(client, child) == {"effects.csv", "heatmap.png", "warnings.txt"}
     csv_path = client.download_artifacts(child, "effects.csv")
     with open(csv_path) as f:
         assert f.read() == "site,effect\nL0,0.1\nL1,0.5\n"

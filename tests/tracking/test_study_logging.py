@@ -130,23 +130,29 @@ def test_headline_metrics_on_child_and_parent_with_cis(store):
     child = runs["causal_scrubbing@induction-scrub"].data.metrics
     parent = runs["induction-scrub"].data.metrics
     for name in HEADLINE["causal_scrubbing"]:
-        assert parent[name] == child[name]
+        assert parent[f"causal_scrubbing/{name}"] == child[name]
     for name in HEADLINE["causal_scrubbing"][:4]:
         assert child[f"{name}.ci_low"] <= child[name] <= child[f"{name}.ci_high"]
-        assert parent[f"{name}.ci_low"] == child[f"{name}.ci_low"]
+        assert parent[f"causal_scrubbing/{name}.ci_low"] == child[f"{name}.ci_low"]
     # loss_recovered is (L_random - L_scrubbed) / (L_random - L_model) of the logged means
     rnd, scrubbed, model = (child[f"scrub.loss_{k}"] for k in ("random", "scrubbed", "model"))
     assert child["scrub.loss_recovered"] == pytest.approx((rnd - scrubbed) / (rnd - model))
     assert child["scrub.loss_recovered"] > 0.9  # the standard induction circuit holds
     assert child["scrub.control.random_mean"] < 0.5  # random circuits of its size do not
-    # the patching study's three experiments share names: the 2nd and 3rd go under a prefix
+    # parent metrics are `<experiment>/<metric>`: two experiments of a kind never collide, and
+    # the key does not name the hypothesis (v1 and v2 of a study share it)
     patch = runs["induction-patching"].data.metrics
-    assert (
-        patch["patch.max_effect"]
-        == runs["heads@induction-patching"].data.metrics["patch.max_effect"]
-    )
-    assert "residual_induction-patching/patch.max_effect" in patch
-    assert "ablation.max_effect" in patch
+    for run in ("heads", "residual", "heads-mean-ablation"):
+        child = runs[f"{run}@induction-patching"]
+        for name in child.data.tags["mi_spec.headline"].split(","):
+            assert patch[f"{run}/{name}"] == child.data.metrics[name]
+    assert all("/" in k and "induction" not in k for k in patch), sorted(patch)
+
+
+def test_description_is_the_parents_note(store):
+    _, runs, _ = store
+    note = runs["induction-patching"].data.tags["mlflow.note.content"]
+    assert note == yaml.safe_load(PATCHING.read_text())["description"] and note
 
 
 def test_logged_tables_agree_with_logged_metrics(store):
@@ -159,6 +165,17 @@ def test_logged_tables_agree_with_logged_metrics(store):
     top = max(rows, key=lambda r: abs(float(r["effect_norm"])))
     assert top["label"] == heads.data.params["top_site"] == "L1.H1@repeat"
     assert math.isclose(float(top["effect_norm"]), heads.data.metrics["patch.max_effect"])
+    with open(client.download_artifacts(heads.info.run_id, "effects.json")) as f:
+        table = json.load(f)  # the same rows as an MLflow table (log_table, pandas "split")
+    assert json.loads(heads.data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": "effects.json", "type": "table"}
+    ]
+    assert table["columns"] == list(rows[0])
+    for row, cells in zip(rows, table["data"], strict=True):
+        assert row["label"] == cells[table["columns"].index("label")]
+        got = cells[table["columns"].index("effect_norm")]
+        # MLflow writes tables with pandas' default of 10 decimal places; the CSV is exact
+        assert math.isclose(float(row["effect_norm"]), got, rel_tol=0, abs_tol=5.1e-11)
     scrub = runs["causal_scrubbing@induction-scrub"]
     with open(client.download_artifacts(scrub.info.run_id, "variants.csv")) as f:
         variants = {r["variant"]: r for r in csv.DictReader(f)}
@@ -196,7 +213,7 @@ def test_figures_are_real_pngs_on_child_and_parent(store, run, figures, tables):
     client, runs, _ = store
     child = runs[run]
     assert set(figures + tables) <= {a.path for a in client.list_artifacts(child.info.run_id)}
-    folder = run.replace("@", "_")
+    folder = run.split("@")[0]  # the experiment's label
     parent_id = child.data.tags["mlflow.parentRunId"]
     for name in figures:
         data = download(client, child.info.run_id, name)

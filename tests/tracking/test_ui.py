@@ -118,7 +118,7 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(tmp_path):
         assert {r["info"]["run_name"] for r in runs} == {"induction", "heads@induction"}
         figure = requests.get(
             f"{base}/get-artifact",
-            params={"path": "heads_induction/heatmap.png", "run_uuid": tracker.parent_run_id},
+            params={"path": "heads/heatmap.png", "run_uuid": tracker.parent_run_id},
             timeout=REQUEST_S,
         )
         assert figure.status_code == 200 and figure.content == PNG  # figures show in the UI
