@@ -270,7 +270,7 @@ def _from_hf_dir(
             import accelerate  # noqa: F401
         except ImportError:
             raise ResolveError(
-                "model.device_map needs the accelerate package: pip install accelerate",
+                "model.device_map needs the accelerate package: pip install 'mi_spec[gpu]' (or accelerate)",
                 ("device_map",),
             ) from None
         kwargs["device_map"] = device_map
