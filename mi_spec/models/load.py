@@ -204,16 +204,22 @@ def _lazy(section: ModelSection, base_dir: Path) -> LoadedModel | None:
     )
 
 
+def _input_embedding(module: torch.nn.Module) -> torch.nn.Module | None:
+    """``get_input_embeddings()`` where the model has one (HF's base class raises
+    NotImplementedError when a subclass does not define it), else None."""
+    if not hasattr(module, "get_input_embeddings"):
+        return None
+    try:
+        return module.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def input_device(module: torch.nn.Module) -> torch.device:
     """Where token ids go: the input embedding's device (the first shard under a device_map)."""
-    if hasattr(module, "get_input_embeddings"):
-        try:
-            embedding = module.get_input_embeddings()
-            if embedding is not None:
-                return next(embedding.parameters()).device
-        except (NotImplementedError, AttributeError, StopIteration):
-            pass
-    first = next(module.parameters(), None)
+    embedding = _input_embedding(module)
+    first = next(embedding.parameters(), None) if embedding is not None else None
+    first = first if first is not None else next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
 
@@ -231,12 +237,7 @@ def context_length(module: torch.nn.Module) -> int | None:
 def input_ids_limit(module: torch.nn.Module, adapter: Adapter) -> int | None:
     """The number of rows of the model's input embedding (``get_input_embeddings``, else the
     adapter's ``embed`` site when it is an ``nn.Embedding``), or None when it has none."""
-    embedding = None
-    if hasattr(module, "get_input_embeddings"):
-        try:
-            embedding = module.get_input_embeddings()
-        except (NotImplementedError, AttributeError):
-            embedding = None
+    embedding = _input_embedding(module)
     hook = adapter.table.get("embed")
     if embedding is None and hook is not None and hook.io == "output":
         embedding = dict(module.named_modules()).get(hook.module)
