@@ -1,4 +1,8 @@
-"""The pipeline, driven in order: load -> resolve -> compile -> check -> execute -> analyse -> log."""
+"""The pipeline, driven in order: load -> resolve -> compile -> check -> execute -> analyse -> log.
+
+Importing it is light: what only checking or running needs (torch, nnsight through the engine,
+the Dask runners, the result cache) is imported by the function that needs it.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mi_spec.analysis.report import ExperimentReport, StudyRecord
 from mi_spec.compile.data_check import check_data
 from mi_spec.compile.planner import compile_context, compile_plan
 from mi_spec.compile.resolve import Study, load_spec, resolve
 from mi_spec.errors import SpecError, SpecIssue
-from mi_spec.execute.cache import ResultCache
-from mi_spec.execute.site_check import check_sites
-from mi_spec.execute.worker import loaded_for
 from mi_spec.experiments.base import kinds
-from mi_spec.plan.ir import Plan, content_hash
-from mi_spec.schedule.dispatch import RunnerSession, run_plan
+from mi_spec.plan.ir import Job, JobResult, Plan, content_hash
 from mi_spec.schedule.profiles import RunnerProfile
 from mi_spec.schedule.progress import Console, count
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
 from mi_spec.tracking.provenance import dataset_identity, file_hash, git_info, model_name
+
+if TYPE_CHECKING:
+    from mi_spec.execute.cache import ResultCache
+    from mi_spec.schedule.dispatch import RunnerSession
+    from mi_spec.schedule.progress import Progress
 
 DEFAULT_CACHE = ".mi_spec_cache"
 
@@ -106,6 +110,11 @@ def check_plan_sites(study: Study, plan: Plan) -> None:
     """Run the site contract checks on every site the plan touches (a few rows)."""
     if not study.spec.model.check_sites:
         return
+    import torch
+
+    from mi_spec.execute.site_check import check_sites
+    from mi_spec.execute.worker import loaded_for
+
     state = loaded_for(plan, model=study.model)
     rows = list(range(min(4, len(state.data))))
     ids, mask = state.data.padded(rows)
@@ -118,6 +127,21 @@ def check_plan_sites(study: Study, plan: Plan) -> None:
         bind=study.bind,
         n_layers=study.dims.n_layers,
     )
+
+
+def run_plan(
+    plan: Plan,
+    jobs: Sequence[Job],
+    cache: ResultCache | None,
+    progress: Progress,
+    profile: RunnerProfile,
+    address: str | None = None,
+    session: RunnerSession | None = None,
+) -> dict[str, JobResult]:
+    """`mi_spec.schedule.dispatch.run_plan`, imported when first called (it brings the engine)."""
+    from mi_spec.schedule import dispatch
+
+    return dispatch.run_plan(plan, jobs, cache, progress, profile, address, session)
 
 
 def run(
@@ -142,6 +166,9 @@ def run(
     normal verbosity). An unreachable tracking store fails here, before the model is loaded or
     any job runs.
     """
+    from mi_spec.execute.cache import ResultCache
+    from mi_spec.schedule.dispatch import RunnerSession
+
     console = console or Console()
     console.begin_study(str(path))
     with console.stage("opening MLflow store"):

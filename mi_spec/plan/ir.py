@@ -134,7 +134,9 @@ class Plan(Frozen):
 
     @property
     def content_hash(self) -> str:
-        return content_hash(self.model_dump(mode="json"))
+        """The plan's identity; a job enters by its id (a hash of its content and context)."""
+        body = self.model_dump(mode="json", exclude={"jobs"})
+        return content_hash([body, [j.id for j in self.jobs]])
 
     @property
     def model_dims(self) -> Dims:

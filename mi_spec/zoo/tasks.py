@@ -9,9 +9,10 @@ length ``seq_len - 1``. Index ``i`` of the row holds ``t_i`` (first half, ``1 <=
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # the generators need no torch; the loss helpers import it when called
+    import torch
 
 BOS = 0
 DEFAULT_VOCAB = 100
@@ -46,6 +47,8 @@ def repeated_tokens(
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy [B, T-1]: entry ``i - 1`` is the loss of predicting ``tokens[:, i]``."""
+    import torch.nn.functional as F
+
     targets = tokens[:, 1:]
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
     return F.cross_entropy(flat.float(), targets.reshape(-1), reduction="none").view(targets.shape)
@@ -66,6 +69,8 @@ def half_losses(logits: torch.Tensor, tokens: torch.Tensor, half: int) -> tuple[
 
 def rows_to_tensor(rows: list[dict]) -> tuple[torch.Tensor, int]:
     """Stack equal-length repeated-token rows into a LongTensor [N, 2k+1] and return ``k``."""
+    import torch
+
     halves = {row["half"] for row in rows}
     if len(halves) != 1:
         raise ValueError(f"rows mix half lengths {sorted(halves)}")

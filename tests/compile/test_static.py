@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import GPT2, TOY, write_rows
+from torch import nn
 
 from mi_spec.cli.main import main
+from mi_spec.compile.static import _parameters_on_meta
+from mi_spec.zoo import attn_only
 
 EVIL = """import pathlib
 pathlib.Path(__file__).with_name("IMPORTED").write_text("module ran")
@@ -75,3 +80,26 @@ def test_static_reports_missing_files(tmp_path, capsys):
     path = study(tmp_path, TOY + "\n  checkpoint: nowhere.pt")
     assert main(["validate", "--static", str(path)]) == 2
     assert "model.checkpoint: file not found" in capsys.readouterr().err
+
+
+def test_meta_build_skips_initialisation_and_restores_torch():
+    """Parameters land on meta with the real model's names and shapes and no initialiser runs on
+    them; buffers stay real; torch is as before once the block is left, error or not."""
+    register = nn.Module.register_parameter
+    kwargs = {"n_layers": 2, "n_heads": 4, "d_model": 32, "d_head": 8, "n_ctx": 16, "d_vocab": 40}
+    with _parameters_on_meta():
+        meta = attn_only(**kwargs)
+        ones = nn.init.ones_(torch.empty(3))  # a real tensor is still initialised
+    real = attn_only(**kwargs)
+    shapes = {n: (tuple(p.shape), p.requires_grad) for n, p in real.named_parameters()}
+    assert {n: (tuple(p.shape), p.requires_grad) for n, p in meta.named_parameters()} == shapes
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert torch.equal(ones, torch.ones(3))
+    mask = dict(meta.named_buffers())["blocks.1.attn.causal_mask"]
+    assert mask.device.type == "cpu" and torch.equal(mask, torch.ones(16, 16).tril().bool())
+    assert nn.Module.register_parameter is register
+    with pytest.raises(RuntimeError), _parameters_on_meta():
+        raise RuntimeError("factory failed")
+    assert nn.Module.register_parameter is register
+    fresh = nn.Linear(8, 8)
+    assert fresh.weight.device.type == "cpu" and fresh.weight.std() > 0.01  # initialised again
