@@ -23,6 +23,7 @@ from mi_spec.spec.locate import issue_at, issues_from_validation_error
 from mi_spec.spec.sections import PositionSpec
 
 from .spec import Spec
+from .subspaces import Declared, bind_subspace, declare, site_names
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not by `validate --static`
     from mi_spec.models.attention_probe import AttentionPattern
@@ -41,12 +42,22 @@ class Study:
     dims: Dims
     vocabulary: list[str] = field(default_factory=list)
     causal: CausalModel | None = None
+    subspaces: dict[str, Declared] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things resolved with a caveat (a basis file orthonormalised, ...)."""
+        return [f"subspace {n}: {w}" for n, d in self.subspaces.items() for w in d.warnings]
 
     @property
     def base_dir(self) -> Path:
         return self.doc.path.parent
 
     def bind(self, site: str) -> SiteBinding:
+        """Bind a site name, ``site[subspace]`` included, on this model."""
+        return bind_subspace(site, self.subspaces, self._bind_plain, self.dims)
+
+    def _bind_plain(self, site: str) -> SiteBinding:
         return bind_site(self.model.adapter, self.model.skeleton, site)
 
     def attention(self) -> AttentionPattern:
@@ -91,7 +102,14 @@ def resolve(spec: Spec, doc: LoadedDoc) -> Study:
         dims,
         model.adapter.vocabulary(model.skeleton),
     )
-    issues = _check_correspondence(study)
+    issues = []
+    for name, section in spec.subspaces.items():
+        try:
+            study.subspaces[name] = declare(name, section, base)
+        except MiSpecError as e:
+            issues.append(issue_at(doc, ("subspaces", name), str(e)))
+    study.vocabulary += site_names(study.subspaces)
+    issues += _check_correspondence(study)
     try:
         study.causal = CausalModel(spec.variables, set(data.columns))
     except MiSpecError as e:
@@ -113,6 +131,6 @@ def _check_correspondence(study: Study) -> list[SpecIssue]:
                         f"unknown position {pos!r}; named positions: "
                         + ", ".join(sorted(study.positions))
                     )
-            except ResolveError as e:
+            except (ResolveError, ValueError) as e:
                 issues.append(issue_at(study.doc, ("correspondence", var, i), str(e)))
     return issues

@@ -8,7 +8,14 @@ from typing import Annotated, Any, Union
 from pydantic import Field, model_validator
 
 from mi_spec.experiments.base import kinds
-from mi_spec.spec.sections import DataSection, MetricSection, ModelSection, Section, Variable
+from mi_spec.spec.sections import (
+    DataSection,
+    MetricSection,
+    ModelSection,
+    Section,
+    SubspaceSection,
+    Variable,
+)
 
 
 def _experiment_union() -> Any:
@@ -26,6 +33,11 @@ class Spec(Section):
     metric: MetricSection = Field(default_factory=MetricSection)
     variables: dict[str, Variable] = Field(
         default_factory=dict, description="The high-level causal model's variables"
+    )
+    subspaces: dict[str, SubspaceSection] = Field(
+        default_factory=dict,
+        description="Named subspaces (DAS rotation blocks, basis files, SAE features); a site "
+        "`L1.resid_pre[name]` then means that subspace of the site, `[name:3]` one coordinate",
     )
     correspondence: dict[str, list[str]] = Field(
         default_factory=dict, description="Variable -> the model sites that compute it"

@@ -11,7 +11,8 @@ and imports nothing it names outside mi_spec itself, and loads no weights:
 - every ``value:`` expression parses under the restricted grammar, and the variables form no cycle;
 - every site (experiments, correspondence) against the adapter's declared shapes, where the model's
   structure is known without user code: ``hf_config``, an ``hf`` folder's ``config.json``, or a
-  mi_spec factory; the model is built on the ``meta`` device (no memory, no weights).
+  mi_spec factory; the model is built on the ``meta`` device (no memory, no weights, no
+  initialisation).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import ast
 import importlib.machinery
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from typing import Any
 import networkx as nx
 
 from mi_spec.causal.values import names as expression_names
-from mi_spec.errors import MiSpecError, SpecError, SpecIssue
+from mi_spec.errors import MiSpecError, ResolveError, SpecError, SpecIssue
+from mi_spec.sites.subspace_ref import split_subspace
 from mi_spec.sites.vocabulary import SiteSyntaxError, expand_patterns, split_position
 from mi_spec.spec.load import LoadedDoc
 from mi_spec.spec.locate import issue_at
@@ -165,6 +167,9 @@ def _check_files(spec: Spec, doc: LoadedDoc) -> list[SpecIssue]:
     adapter = spec.model.adapter
     if isinstance(adapter, str) and adapter.endswith((".yaml", ".yml")):
         wanted.append((("model", "adapter"), adapter))
+    for name, sub in spec.subspaces.items():  # a rotation from an MLflow run: checked at load
+        file = sub.basis or sub.sae or (sub.rotation if isinstance(sub.rotation, str) else None)
+        wanted.append((("subspaces", name, sub.source), file))
     issues = []
     for where, value in wanted:
         if (
@@ -215,10 +220,14 @@ def _check_sites(spec: Spec, doc: LoadedDoc, report: StaticReport) -> list[SpecI
     for where, text in _site_fields(spec):
         site, _ = split_position(text)
         try:
+            site, space, _ = split_subspace(site)
+            if space is not None and space not in spec.subspaces:
+                known = ", ".join(sorted(spec.subspaces)) or "none are declared"
+                raise ResolveError(f"site {text!r}: unknown subspace {space!r}; subspaces: {known}")
             for name in expand_patterns([site], vocabulary):
                 bind_site(adapter, model, name)
                 report.sites += 1
-        except (MiSpecError, SiteSyntaxError) as e:
+        except (MiSpecError, SiteSyntaxError, ValueError) as e:
             issues.append(issue_at(doc, where, str(e)))
     return issues
 
@@ -250,11 +259,12 @@ def _meta_model(spec: Spec, base: Path) -> tuple[Any, str]:
     import torch
 
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bundled checkpoints load as no-ops on meta
             if section.factory:
                 fn = import_ref(section.factory)
-                return fn(**section.kwargs), ""
+                with _parameters_on_meta():
+                    return fn(**section.kwargs), ""
             from transformers import AutoConfig, AutoModelForCausalLM
 
             if section.hf is not None:
@@ -263,6 +273,83 @@ def _meta_model(spec: Spec, base: Path) -> tuple[Any, str]:
             else:
                 params = dict(section.hf_config or {})
                 config = AutoConfig.for_model(params.pop("model_type"), **params)
-            return AutoModelForCausalLM.from_config(config), ""
+            with torch.device("meta"):  # transformers imports torch._dynamo anyway
+                return AutoModelForCausalLM.from_config(config), ""
     except Exception as e:  # a broken config: the full validate reports it with its location
         return None, f"the model's structure could not be built ({type(e).__name__}: {e})"
+
+
+# Initialisers that fill a tensor in place: on a meta tensor they have nothing to fill, and torch
+# (2.13) runs several of them (``normal_``, ...) through Python references that import
+# torch._dynamo (~1.5 s) on first use.
+_INIT_NAMES = [
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+]
+_TENSOR_FILLS = [
+    "normal_",
+    "uniform_",
+    "exponential_",
+    "log_normal_",
+    "cauchy_",
+    "geometric_",
+    "random_",
+]
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a module with its parameters on the meta device and their initialisation skipped.
+
+    Each parameter is created as an empty (untouched) CPU tensor and moved to meta as it is
+    registered; initialisers (``torch.nn.init.*_`` and ``Tensor.normal_``-like fills) on meta
+    tensors return at once. Everything else runs on its own device, so buffers (a causal mask)
+    stay small real tensors, and no meta kernel that needs torch._dynamo is reached. Not thread
+    safe: ``nn.Module.register_parameter`` is replaced for the duration.
+    """
+    import torch
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    skipped = {getattr(nn.init, n) for n in _INIT_NAMES if hasattr(nn.init, n)}
+    skipped |= {getattr(torch.Tensor, n) for n in _TENSOR_FILLS if hasattr(torch.Tensor, n)}
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(
+            self,
+            func: Callable[..., Any],
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            kwargs = kwargs or {}
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if func in skipped and isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+            return func(*args, **kwargs)
+
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        with SkipInit():
+            yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]

@@ -40,7 +40,7 @@ import torch
 
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
-from mi_spec.execute.engine import Engine
+from mi_spec.execute.engine import Engine, assign
 from mi_spec.execute.metrics import make_targets, picked_logits, score, source_targets
 from mi_spec.execute.ops import op_for, register_op
 from mi_spec.execute.run_job import Batch, job_source, make_batch, run_job, source_values
@@ -250,11 +250,14 @@ def _edge_estimates(
 def _dot(
     src: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, site: SiteBinding, pos: torch.Tensor
 ) -> torch.Tensor:
-    """Per row: sum over the role's positions of (source - base) . grad on the site's columns."""
+    """Per row: sum over the role's positions of (source - base) . grad on the site's columns
+    (for a subspace site, ``source - base`` is the change that writing its coordinates makes)."""
     rows = torch.arange(act.shape[0], device=act.device)[:, None]
     at = (rows, pos.to(act.device), slice(site.start, site.stop))
     wide = torch.promote_types(act.dtype, torch.float32)  # a bf16 model's estimates in fp32
-    delta = src.to(device=act.device, dtype=wide) - act.detach()[at].to(wide)
+    here = act.detach()[at].to(wide)
+    # a subspace site's change is what writing the source's coordinates does to the columns
+    delta = assign(here, site, src.to(wide)) - here
     return (delta * grad[at].to(wide)).sum((-1, -2))
 
 

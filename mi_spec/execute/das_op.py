@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from mi_spec.data.dataset import Dataset
 from mi_spec.data.positions import resolve_role
 from mi_spec.errors import ExecutionError
-from mi_spec.execute.engine import Engine, Read, replace
+from mi_spec.execute.engine import Engine, Read, assign, replace
 from mi_spec.execute.ops import register_op
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.sites.adapter import SiteBinding
@@ -284,7 +284,8 @@ class Runner:
                 base_full = env.input if s.io == "input" else env.output
             new = base_full.clone()
             at = (torch.arange(new.shape[0], device=new.device)[:, None], pos.to(new.device))
-            new[(*at, slice(s.start, s.stop))] = values.to(device=new.device, dtype=new.dtype)
+            idx = (*at, slice(s.start, s.stop))
+            new[idx] = assign(new[idx], s, values)
             if skip:
                 env.skip(new)
             else:

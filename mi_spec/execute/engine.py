@@ -23,6 +23,7 @@ import torch
 from nnsight import NNsight
 
 from mi_spec.errors import ExecutionError, ResolveError
+from mi_spec.features.load import subspace_for
 from mi_spec.sites.adapter import SiteBinding
 
 
@@ -317,16 +318,31 @@ def _cols(site: SiteBinding) -> slice:
 
 def _gather(act: torch.Tensor, site: SiteBinding, pos: torch.Tensor | None) -> torch.Tensor:
     if pos is None:
-        return act[:, :, _cols(site)]
-    rows = torch.arange(act.shape[0], device=act.device)[:, None]
-    return act[rows, pos.to(act.device), _cols(site)]
+        picked = act[:, :, _cols(site)]
+    else:
+        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        picked = act[rows, pos.to(act.device), _cols(site)]
+    return coords_of(site, picked)
+
+
+def coords_of(site: SiteBinding, x: torch.Tensor) -> torch.Tensor:
+    """A subspace site's coordinates of its columns ``x`` [..., w] (``x`` itself for a plain site)."""
+    return x if site.subspace is None else subspace_for(site.subspace, x).coords(x)
+
+
+def assign(x: torch.Tensor, site: SiteBinding, value: torch.Tensor) -> torch.Tensor:
+    """What the site's columns ``x`` [..., w] become when the site is set to ``value``: the value
+    itself, or for a subspace site ``x`` with only the subspace's coordinates set to ``value``."""
+    if site.subspace is None:
+        return value.to(device=x.device, dtype=x.dtype).expand_as(x)
+    return subspace_for(site.subspace, x).write(x, value.to(x.device))
 
 
 def _scatter(new: torch.Tensor, w: Write) -> None:
     block = new[w.rows]
-    value = w.value.to(device=new.device, dtype=new.dtype)
     if w.pos is None:
-        block[:, :, _cols(w.site)] = value
-        return
-    rows = torch.arange(block.shape[0], device=new.device)[:, None]
-    block[rows, w.pos.to(new.device), _cols(w.site)] = value
+        at: tuple[Any, ...] = (slice(None), slice(None), _cols(w.site))
+    else:
+        rows = torch.arange(block.shape[0], device=new.device)[:, None]
+        at = (rows, w.pos.to(new.device), _cols(w.site))
+    block[at] = assign(block[at], w.site, w.value)

@@ -25,10 +25,10 @@ import torch
 
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
-from mi_spec.execute.engine import Engine, Read, Write
+from mi_spec.execute.engine import Engine, Read, Write, coords_of
 from mi_spec.execute.metrics import make_targets, picked_logits, score
 from mi_spec.execute.ops import register_op
-from mi_spec.experiments.scrub_tree import LOGITS, Slot, levels, pack, sources_of
+from mi_spec.experiments.scrub_tree import LOGITS, Slot, levels, pack, shape_of, sources_of
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.spec.sections import MetricSection
 
@@ -88,7 +88,9 @@ def run_scrub(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     level = levels(nodes)
     passes = -(-len(clean_rows) // plan.max_batch_rows)
     for depth in range(1, max(level, default=0) + 1):
-        todo = sorted((k for k, lv in enumerate(level) if lv == depth), key=lambda k: nodes[k][0])
+        todo = sorted(
+            (k for k, lv in enumerate(level) if lv == depth), key=lambda k: shape_of(nodes[k])
+        )
         packed = pack(nodes, sites, todo)
         for start in range(0, len(packed), plan.max_batch_rows):
             chunk = packed[start : start + plan.max_batch_rows]
@@ -150,9 +152,10 @@ def _level_pass(
     """One forward computing the nodes in ``chunk`` (one batch row each); returns the logits."""
     tokens = [nodes[slots[0][0]][1] for _, slots in chunk]
     ids, mask = (torch.tensor(x, device=engine.device) for x in data.padded(tokens))
-    groups: list[tuple[int, int]] = []  # [start, stop) runs of rows at one site
-    for i, (sid, _) in enumerate(chunk):
-        if groups and chunk[groups[-1][0]][0] == sid:
+    groups: list[tuple[int, int]] = []  # [start, stop) runs of rows of one shape (site, inputs)
+    shapes = [shape_of(nodes[slots[0][0]]) for _, slots in chunk]
+    for i, shape in enumerate(shapes):
+        if groups and shapes[groups[-1][0]] == shape:
             groups[-1] = (groups[-1][0], i + 1)
         else:
             groups.append((i, i + 1))
@@ -165,12 +168,48 @@ def _level_pass(
             table = store.table(source)
             value = table[torch.from_numpy(index), torch.arange(length)[None, :]]
             writes.append(Write(plan.sites[source], slice(a, b), None, value))
+            slots = [slots for _, slots in chunk[a:b]]
+            for sub in _subspaces(nodes, slots, e):  # then their coordinates, from their sources
+                at = _sub_index(store, source, slots, nodes, e, index, sub)
+                value = table[torch.from_numpy(at), torch.arange(length)[None, :]]
+                bound = plan.sites[sites[sub]]
+                writes.append(Write(bound, slice(a, b), None, coords_of(bound, value)))
         if site != LOGITS:
             reads.append(Read((a, b), plan.sites[site], None))
     logits, got = engine.run(ids, mask, reads=reads, writes=writes)
     for (a, b), value in got.items():
         store.add(sites[chunk[a][0]], value[a:b], [slots for _, slots in chunk[a:b]])
     return logits
+
+
+def _subspaces(nodes: list[list[Any]], rows: list[list[Slot]], e: int) -> list[int]:
+    """The subspace sites whose coordinates input edge ``e`` of these rows' nodes takes elsewhere."""
+    found = {sub for slots in rows for k, _ in slots for *_, sub in _spaces(nodes[k][3][e])}
+    return sorted(found)
+
+
+def _spaces(edge: list[Any]) -> list[list[int]]:
+    return edge[3] if len(edge) > 3 else []
+
+
+def _sub_index(
+    store: _Values,
+    site: str,
+    rows: list[list[Slot]],
+    nodes: list[list[Any]],
+    e: int,
+    index: np.ndarray,
+    sub: int,
+) -> np.ndarray:
+    """``index`` with the positions where subspace ``sub`` has its own source moved to it
+    (elsewhere its coordinates are rewritten with the site's own: no change)."""
+    out = index.copy()
+    for i, slots in enumerate(rows):
+        for k, q in slots:
+            for p, s, b in _spaces(nodes[k][3][e]):
+                if b == sub and (q is None or p == q):
+                    out[i, p] = store.index(site, s)
+    return out
 
 
 def _index(
@@ -180,7 +219,7 @@ def _index(
     index = np.zeros((len(rows), length), dtype=np.int64)
     for i, slots in enumerate(rows):
         for k, q in slots:
-            _, default, overrides = nodes[k][3][e]
+            _, default, overrides = nodes[k][3][e][:3]
             if q is None:
                 index[i] = store.index(site, default)
                 for p, s in overrides:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mi_spec.errors import ResolveError
-from mi_spec.execute.engine import Engine, Read, Write
 from mi_spec.sites.adapter import SiteBinding
+
+if TYPE_CHECKING:  # `mi-spec plan` prices the checks without importing the engine (nnsight)
+    from mi_spec.execute.engine import Engine
 
 CHECK_ROWS = 2  # rows the checks run on (two, so a row can take the other row's values)
 CHECK_TOKENS = 8  # the first tokens of each row
@@ -80,6 +83,8 @@ def check_sites(
     names (for the residual identities of ``n_layers`` layers). ``ids``/``mask``: candidate rows;
     the checks use the first ``CHECK_ROWS`` of them, cut to their first ``CHECK_TOKENS`` real
     tokens (the contracts do not depend on length)."""
+    from mi_spec.execute.engine import Read
+
     sites = list(sites)
     for site in sites:
         engine.check_binding(site)
@@ -135,8 +140,12 @@ def _overlap(a: SiteBinding, b: SiteBinding) -> bool:
 
 
 def _carried(sites: Sequence[SiteBinding]) -> list[SiteBinding]:
-    """Residual points written whole: they must carry another input forward."""
-    return [s for s in sites if s.name.rsplit(".", 1)[-1].startswith("resid_") and s.start is None]
+    """Residual points written whole (no subspace): they must carry another input forward."""
+    return [
+        s
+        for s in sites
+        if s.name.rsplit(".", 1)[-1].startswith("resid_") and s.start is None and not s.subspace
+    ]
 
 
 def _tolerance(engine: Engine, atol: float) -> float:
@@ -158,6 +167,8 @@ def _run_blocks(
     atol: float,
 ) -> tuple[str, list[SiteBinding], float] | None:
     """Check passes: [unpatched | block 1 | block 2 ...] rows; the first failing block, or None."""
+    from mi_spec.execute.engine import Write
+
     n = ids.shape[0]
     tol = _tolerance(engine, atol)
     perm = torch.roll(torch.arange(n), 1)

@@ -133,10 +133,13 @@ def named_edges(hyp: tree.Hypothesis, arch: tree.Arch) -> list[tuple[tree.Node, 
 def check_hypothesis(hyp: tree.Hypothesis, arch: tree.Arch) -> list[str]:
     """Raise ScrubError for hypotheses the model cannot implement; return warnings."""
     for site in (n.site for n in hyp.nodes):
-        if not (site == "embed" or re.match(r"^L\d+\.(H\d+(:[qkv])?|mlp_out)$", site)):
+        if not (
+            site == "embed" or re.match(r"^L\d+\.(H\d+(:[qkv])?|mlp_out|resid_(pre|post))$", site)
+        ):
             raise tree.ScrubError(
-                "causal scrubbing nodes are embed, heads (L1.H2, optionally L1.H2:q/k/v) and "
-                f"MLPs (L1.mlp_out); {site!r} is none of these"
+                "causal scrubbing nodes are embed, heads (L1.H2, optionally L1.H2:q/k/v), "
+                "MLPs (L1.mlp_out) and residual points (L1.resid_pre, L0.resid_post), each "
+                f"optionally a subspace (site[name]); {site!r} is none of these"
             )
         if (
             site != "embed"
@@ -144,6 +147,7 @@ def check_hypothesis(hyp: tree.Hypothesis, arch: tree.Arch) -> list[str]:
             or (site.endswith("mlp_out") and not arch.has_mlp)
         ):
             raise tree.ScrubError(f"site {site!r} is not in this model")
+    hyp.cuts  # noqa: B018 (two nodes at one residual point: a ScrubError here)
     edges = named_edges(hyp, arch)
     sites_of: dict[str, list[str]] = {}
     for n in hyp.nodes:
@@ -181,7 +185,13 @@ def random_hypotheses(
     hyp: tree.Hypothesis, arch: tree.Arch, n: int, rng: random.Random
 ) -> list[tuple[tree.Hypothesis, dict[str, str]]]:
     """``n`` controls: the same nodes moved to randomly drawn heads / MLPs (never all in place)."""
-    moved = sorted({tree.head_of(x.site) or x.site for x in hyp.nodes if x.site != "embed"})
+    moved = sorted(
+        {
+            tree.head_of(x.site) or x.site
+            for x in hyp.nodes
+            if x.site != "embed" and tree.cut_of(x.site) is None  # residual points stay put
+        }
+    )
     units = [u for u in moved if not u.endswith("mlp_out")]
     mlps = [u for u in moved if u.endswith("mlp_out")]
     heads = [w for w in arch.writers if "H" in w]

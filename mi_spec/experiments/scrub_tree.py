@@ -39,10 +39,19 @@ by ``models/attention_probe.py``); other readers only at the needed positions. T
 the output on the base input x at the metric's positions; the random baseline is the root with no
 named edges. A condition nobody else satisfies is an error; its counts are recorded (power).
 
+*Residual cuts and subspaces.* A node may sit at a residual point (``L1.resid_pre``,
+``L0.resid_post``): it stands for the sum of every writer below it, so readers above it read that
+node plus the writers between it and them (``Hypothesis.inputs``). A node may be a subspace of its
+site (``L1.resid_pre[prev]``, ``L0.H3[dir]``): its coordinates come from the agreeing child, the
+rest of the site (the orthogonal complement, or what an SAE's features leave) from the position's
+unnamed source, like an unnamed edge.
+
 *Plan encoding.* ``sites``: names; ``nodes``: ``[site_id, row, need, edges]`` in post-order
 (children first), ``need`` the positions whose value is used; ``edges``: ``[site_id, default,
-overrides]``, the input's source at every position, except ``overrides`` ``[[pos, src], ...]``. A
-source ``s >= 0`` is the clean value of dataset row s, ``s < 0`` is tree node ``-s - 1``.
+overrides]``, the input's source at every position, except ``overrides`` ``[[pos, src], ...]``,
+plus, where subspace nodes feed it, ``[[pos, src, subspace_site_id], ...]``: at ``pos`` the
+subspace's coordinates are then taken from ``src``. A source ``s >= 0`` is the clean value of
+dataset row s, ``s < 0`` is tree node ``-s - 1``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mi_spec.sites.subspace_ref import split_subspace
 from mi_spec.sites.vocabulary import parse_site, split_position
 
 OUTPUT = "<output>"  # the root's pseudo-variable
@@ -63,7 +73,8 @@ LOGITS = "logits"
 _HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
 _PART = re.compile(r"^(L\d+\.H\d+):([qkv])$")
 _MLP = re.compile(r"^L(\d+)\.mlp_out$")
-_LOCAL = re.compile(r"^(L\d+\.H\d+:[qkv]|L\d+\.mlp_out|logits)$")
+_LOCAL = re.compile(r"^(L\d+\.H\d+:[qkv]|L\d+\.mlp_out|L\d+\.resid_(pre|post)|logits)$")
+_RESID = re.compile(r"^L(\d+)\.resid_(pre|post)$")
 ATTENTION = ("causal", "bidirectional")
 Slot = tuple[int, int | None]  # (node id, its position in a shared batch row, or None: own row)
 
@@ -74,20 +85,34 @@ class ScrubError(ValueError):
 
 @dataclass(frozen=True)
 class Node:
-    """A hypothesis node: ``site`` at ``role`` (None: every position) computes ``var``."""
+    """A hypothesis node: ``site`` at ``role`` (None: every position) computes ``var``; with
+    ``space``, only that subspace of the site does (``site[space]``)."""
 
     site: str
     role: str | int | None
     var: str
+    space: str | None = None
+
+    @property
+    def bound(self) -> str:
+        """The site as bound: ``L1.resid_pre[prev]`` for a subspace node, else the site."""
+        return self.site if self.space is None else f"{self.site}[{self.space}]"
 
     @property
     def label(self) -> str:
-        return self.site if self.role is None else f"{self.site}@{self.role}"
+        return self.bound if self.role is None else f"{self.bound}@{self.role}"
 
 
 def layer_of(site: str) -> int:
-    """-1 for embed, the layer of a head / head input / MLP."""
+    """-1 for embed, the layer of a head / head input / MLP / residual point."""
     return -1 if site == "embed" else int(site[1 : site.index(".")])
+
+
+def cut_of(site: str) -> int | None:
+    """A residual point's depth: the writers below it are those of layers < the depth
+    (``L1.resid_pre`` and ``L0.resid_post``: 1); None for any other site."""
+    m = _RESID.match(site)
+    return None if m is None else int(m[1]) + (m[2] == "post")
 
 
 def head_of(site: str) -> str | None:
@@ -158,7 +183,10 @@ class Hypothesis:
         for var, sites in correspondence.items():
             for text in sites:
                 site, role = split_position(text)
-                nodes.append(Node(parse_site(site).name, role, var))
+                site, space, index = split_subspace(site)
+                if index is not None:
+                    space = f"{space}:{index}"
+                nodes.append(Node(parse_site(site).name, role, var, space))
         par = {v: frozenset(p) for v, p in parents.items()}
         with_sites = {n.var for n in nodes}
         if output is None:  # writers' variables that no variable with sites reads
@@ -178,11 +206,38 @@ class Hypothesis:
         """Heads whose q/k/v inputs are nodes of their own."""
         return frozenset(h for n in self.nodes if (h := head_of(n.site)))
 
+    @functools.cached_property
+    def cuts(self) -> dict[int, str]:
+        """Residual points that are nodes, by depth (``cut_of``)."""
+        out: dict[int, str] = {}
+        for n in self.nodes:
+            depth = cut_of(n.site)
+            if depth is not None:
+                if out.get(depth, n.site) != n.site:
+                    raise ScrubError(
+                        f"{out[depth]} and {n.site} are the same residual point; name one of them"
+                    )
+                out[depth] = n.site
+        return out
+
     def inputs(self, arch: Arch, site: str) -> list[str]:
-        """What a node at ``site`` reads: its q/k/v if it is a split head, else upstream writers."""
+        """What a node at ``site`` reads: its q/k/v if it is a split head, else upstream writers,
+        where a residual point that is a node stands for every writer below it (a cut: what
+        crosses it outside the node's subspace is resampled like an unnamed edge)."""
         if site in self.split:
             return [f"{site}:{p}" for p in "qkv"]
-        return arch.upstream(head_of(site) or site)
+        depth = cut_of(site)
+        if depth is not None:
+            ups = [w for w in arch.writers if layer_of(w) < depth]
+            below = [c for c in self.cuts if c < depth]
+        else:
+            ups = arch.upstream(head_of(site) or site)
+            top = arch.n_layers if site == LOGITS else layer_of(head_of(site) or site)
+            below = [c for c in self.cuts if c <= top]
+        if not below:
+            return ups
+        cut = max(below)
+        return [self.cuts[cut]] + [w for w in ups if layer_of(w) >= cut]
 
     @functools.cache  # noqa: B019 (hypotheses are few, frozen, hashable)
     def named(self, source_site: str, reader_var: str) -> list[Node]:
@@ -202,7 +257,7 @@ class Hypothesis:
             head = head_of(site)
             return f"{mapping.get(head, head)}:{site[-1]}" if head else mapping.get(site, site)
 
-        nodes = tuple(Node(move(n.site), n.role, n.var) for n in self.nodes)
+        nodes = tuple(Node(move(n.site), n.role, n.var, n.space) for n in self.nodes)
         return Hypothesis(nodes, self.parents, self.output)
 
 
@@ -332,6 +387,9 @@ class TreeBuilder:
             [self._site_id(s), *self._sources(t, s, var, row, n, shared)]
             for s, n in zip(inputs, needs, strict=True)
         ]
+        for e in edges:  # [site, default, overrides]; [..., subspace overrides] where there are
+            if not e[3]:
+                e.pop()
         if len(self.nodes) >= self.max_nodes:
             raise ScrubError(
                 f"the scrub trees exceed {self.max_nodes} nodes per job; lower batch_size, "
@@ -342,34 +400,51 @@ class TreeBuilder:
 
     def _sources(
         self, t: Sampling, site: str, var: str, row: int, need: frozenset[int], shared: int | None
-    ) -> tuple[int, list[list[int]]]:
-        """(default source, [[position, source], ...]) of input ``site`` for reader ``var``."""
+    ) -> tuple[int, list[list[int]], list[list[int]]]:
+        """(default source, [[position, source], ...], [[position, source, subspace site], ...])
+        of input ``site`` for reader ``var``: a subspace node's coordinates come from its agreeing
+        child, the rest of the site (its complement) from the position's own source."""
         at: dict[int, int] = {}
+        subs: dict[tuple[int, str], int] = {}
         for node in t.hyp.named(site, var):
             where = self.roles(node.role, row) if node.role is not None else need
             covered = sorted(need.intersection(where))
-            if clash := set(at).intersection(covered):
+            taken = set(at) | {q for q, b in subs if node.space is None or b == node.bound}
+            if clash := taken.intersection(covered):
                 raise ScrubError(f"{site} at positions {sorted(clash)} belongs to two nodes")
             if not covered:
                 continue
             if self.pools.per_position.get(node.var, False):
+                got = {}
                 for q in covered:
                     other = self._agree(t, node.var, q, row)
-                    at[q] = self._make(t, site, node.var, other, frozenset({q}))
+                    got[q] = self._make(t, site, node.var, other, frozenset({q}))
             else:
                 other = self._agree(t, node.var, None, row)
                 child = self._make(t, site, node.var, other, frozenset(covered))
-                at.update(dict.fromkeys(covered, child))
+                got = dict.fromkeys(covered, child)
+            if node.space is None:
+                at.update(got)
+            else:
+                subs.update({(q, node.bound): s for q, s in got.items()})
         if len(at) == len(need):  # all named: elsewhere the value is never used
             default = at[min(at)]
         else:
             default = shared if shared is not None else self._random(t, row)
-        return default, [[q, s] for q, s in sorted(at.items()) if s != default]
+        spaces = [[q, s, self._site_id(b)] for (q, b), s in sorted(subs.items())]
+        return default, [[q, s] for q, s in sorted(at.items()) if s != default], spaces
 
 
 def sources_of(edge: Sequence[Any]) -> list[int]:
-    """Every source an edge ``[site_id, default, overrides]`` names."""
-    return [edge[1], *(s for _, s in edge[2])]
+    """Every source an edge ``[site_id, default, overrides(, subspace overrides)]`` names."""
+    subs = edge[3] if len(edge) > 3 else ()
+    return [edge[1], *(s for _, s in edge[2]), *(s for _, s, _ in subs)]
+
+
+def shape_of(node: Sequence[Any]) -> tuple[Any, ...]:
+    """What rows computing ``node`` share in one pass: its site and its inputs' sites (the same
+    site reads different inputs under hypotheses with different residual cuts)."""
+    return (node[0], *(e[0] for e in node[3]))
 
 
 def levels(nodes: Sequence[Sequence[Any]]) -> list[int]:
@@ -391,10 +466,10 @@ def pack(
     attention reads other positions) take a row each.
     """
     out: list[tuple[int, list[Slot]]] = []
-    by_site: dict[int, list[int]] = {}
+    by_site: dict[tuple[Any, ...], list[int]] = {}
     for k in ids:
-        by_site.setdefault(nodes[k][0], []).append(k)
-    for sid, members in by_site.items():
+        by_site.setdefault(shape_of(nodes[k]), []).append(k)
+    for (sid, *_), members in by_site.items():
         local = _LOCAL.match(sites[sid]) is not None
         shared: list[list[Slot]] = []
         used: dict[int, int] = {}  # position -> shared rows already holding it

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from mi_spec.errors import ResolveError
+from mi_spec.sites.subspace_ref import SubspaceRef
 from mi_spec.sites.vocabulary import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
 
 
@@ -73,10 +74,20 @@ class SiteBinding(BaseModel):
     # Write in place: the tensor is also used outside the module (e.g. GPT-2's ``ln_2`` input is
     # the residual skip too), so replacing only the module's argument would patch half a site.
     in_place: bool = False
+    # Only these coordinates of the activation's columns are read and written (``site[name]``).
+    subspace: SubspaceRef | None = None
 
     @property
     def width(self) -> int | None:
+        """The width of the values read and written: the subspace's coordinates, or columns."""
+        if self.subspace is not None:
+            return self.subspace.width
         return None if self.start is None or self.stop is None else self.stop - self.start
+
+    @property
+    def whole(self) -> SiteBinding:
+        """The same columns without the subspace."""
+        return self if self.subspace is None else self.model_copy(update={"subspace": None})
 
 
 @dataclass(frozen=True)
@@ -198,9 +209,13 @@ def _load_builtin() -> None:
     )
 
 
+_BUILTIN_LOADED: list[bool] = []  # not `if not _REGISTRY`: one adapter imported directly registers
+
+
 def adapters() -> dict[str, Adapter]:
-    if not _REGISTRY:
+    if not _BUILTIN_LOADED:
         _load_builtin()
+        _BUILTIN_LOADED.append(True)
     return dict(_REGISTRY)
 
 

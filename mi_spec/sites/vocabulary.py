@@ -144,15 +144,16 @@ def parse_site(text: str) -> Site:
 def expand_patterns(patterns: list[str], vocabulary: list[str]) -> list[str]:
     """Expand ``*`` wildcards (``L*.H*``, ``L1.*``) against ``vocabulary``, keeping order, no dupes.
 
-    ``*`` matches within one name segment (not across ``.`` ``:``), so ``L*.H*`` means head outputs
-    and not their q/k/v. Names without ``*`` pass through unchecked (binding checks them).
+    ``*`` matches within one name segment (not across ``.`` ``:`` ``[``), so ``L*.H*`` means head
+    outputs and not their q/k/v, and ``L1.*`` no subspace sites; ``L1.resid_pre[sae:*]`` is each
+    coordinate of subspace ``sae`` (when the vocabulary lists them). Names without ``*`` pass through unchecked (binding checks them).
     """
     out: list[str] = []
     for pattern in patterns:
         if "*" not in pattern:
             matches = [pattern]
         else:
-            rx = re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.:]*") + "$")
+            rx = re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.:\[\]]*") + "$")
             matches = [name for name in vocabulary if rx.match(name)]
             if not matches:
                 hint = ""

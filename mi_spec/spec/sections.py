@@ -198,6 +198,70 @@ class MetricSection(Section):
         return self.kind in ("logit_diff", "accuracy", "prob")
 
 
+class RunArtifact(Section):
+    """An artifact of an earlier MLflow run (downloaded through the tracking URI in effect)."""
+
+    run: str = Field(description="The MLflow run id")
+    artifact: str = Field(
+        description="The artifact's path in the run, e.g. rotation_L0.resid_post.pt"
+    )
+
+
+class SubspaceSection(Section):
+    """A subspace of a site's activation, named for use as ``site[name]``: exactly one of
+    ``basis``, ``rotation`` or ``sae``. Experiments then read and write only its coordinates."""
+
+    basis: str | None = Field(
+        None,
+        description="A direction or basis file (.pt, .npy, .safetensors) holding d x k "
+        "(orthonormalised with a warning if it is not), relative to the hypothesis",
+    )
+    rotation: str | RunArtifact | None = Field(
+        None,
+        description="A DAS rotation mi_spec wrote (rotation_<config>.pt): a path, or "
+        "{run: <MLflow run id>, artifact: <name>}; the subspace is `variable`'s block of columns",
+    )
+    variable: str | None = Field(
+        None, description="rotation: whose block of columns (optional with one variable)"
+    )
+    sae: str | None = Field(
+        None,
+        description="A sparse autoencoder folder in the SAELens layout (cfg.json + "
+        "sae_weights.safetensors); the coordinates are feature activations and the SAE's "
+        "reconstruction error is kept, so an unpatched run is the model's own",
+    )
+    features: list[int] | None = Field(
+        None,
+        description="Which coordinates to keep: SAE feature indices, or basis/rotation columns "
+        "(default: all)",
+    )
+    site: str | None = Field(
+        None,
+        description="The site it lives at (default: the SAE's hook point, the rotation's site); "
+        "used to expand `site[name:*]` into one site per coordinate",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SubspaceSection:
+        given = [k for k in ("basis", "rotation", "sae") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "expected exactly one of basis, rotation, sae, found "
+                + (", ".join(given) or "none")
+            )
+        if self.variable is not None and self.rotation is None:
+            raise ValueError("`variable` picks a block of a DAS rotation; it needs `rotation`")
+        if self.features is not None and (
+            not self.features or len(set(self.features)) != len(self.features)
+        ):
+            raise ValueError("`features` must list distinct indices (at least one)")
+        return self
+
+    @property
+    def source(self) -> str:
+        return "basis" if self.basis else "rotation" if self.rotation else "sae"
+
+
 class Variable(Section):
     """A high-level variable: a dataset column, a safe expression, or a Python callable."""
 

@@ -1,4 +1,6 @@
-"""Every patch, ablation and metric the engine runs equals plain-PyTorch hooks to 1e-5."""
+"""Every patch, ablation and metric the engine runs equals plain-PyTorch hooks to 1e-5, on whole
+sites and on subspace sites (a basis of the residual stream, a non-orthonormal basis of one head's
+output, features of an SAE), whose reference is written out here: ``x + D^T (c_new - c(x))``."""
 
 from __future__ import annotations
 
@@ -8,17 +10,14 @@ import random
 import pytest
 import torch
 from reference.hooks import capture, metric_by_hand, patched_logits
+from reference.models import TINY_MODELS
+from reference.subspaces import SUBSPACES, in_subspace, space_of, write_subspaces
 
 from mi_spec.api import compile_file
 from mi_spec.execute.run_job import run_job
 from mi_spec.execute.worker import loaded_for
 
-MODELS = {
-    "gpt2": "hf_config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 4, vocab_size: 40, "
-    "n_positions: 32}",
-    "toy": "factory: mi_spec.zoo:attn_only\n  kwargs: {n_layers: 2, n_heads: 4, d_model: 32, "
-    "d_head: 8, n_ctx: 32, d_vocab: 40}",
-}
+MODELS = TINY_MODELS
 SITES = {
     "gpt2": [
         "L0.H1",
@@ -31,6 +30,9 @@ SITES = {
         "L1.attn_out",
         "L1.resid_post",
         "path:transformer.h.1.ln_1",
+        "L1.resid_post[dirs]",
+        "L0.H1[hd]",
+        "L1.resid_post[sae]",
     ],
     "toy": [
         "L0.H1",
@@ -41,6 +43,9 @@ SITES = {
         "L0.resid_pre",
         "embed",
         "L1.resid_post",
+        "L0.resid_pre[dirs]",
+        "L0.H1[hd]",
+        "L1.resid_post[sae:4]",
     ],
 }
 
@@ -73,7 +78,7 @@ def write_study(tmp_path, model: str, metric: str, lengths: list[int]) -> str:
         "prob": "{kind: prob, at: subj, target: tgt}",
         "accuracy": "{kind: accuracy, at: mid}",
     }[metric]
-    (tmp_path / "h.yaml").write_text(f"""
+    (tmp_path / "h.yaml").write_text(f"""{SUBSPACES}
 name: ref-{model}
 model:
   {MODELS[model]}
@@ -98,7 +103,7 @@ def role_positions(role, row: dict, n: int):
     return {"mid": [3], "last": [n - 1], "subj": [row["subj"]], "tail": [n - 3, n - 2]}[role]
 
 
-def reference_job(model, plan, data, job, metric):
+def reference_job(model, plan, data, job, metric, spaces):
     """Per-variant per-row metric values computed with hooks, one variant at a time."""
     rows = list(job.rows)
     ids, mask = (torch.tensor(x) for x in data.padded(rows))
@@ -149,11 +154,16 @@ def reference_job(model, plan, data, job, metric):
                     for k, rr in enumerate(ref_rows):
                         rp = role_positions(iv.pos, rr, len(rr["tokens"]))
                         vals.append(ref_acts[site.name][k, p if rp is None else rp[j], a:b])
+                    if site.subspace is not None:  # the mean of the coordinates
+                        coords = space_of(spaces, site)[0]
+                        return torch.stack([coords(v) for v in vals]).double().mean(0).float()
                     return torch.stack(vals).double().mean(0).float()
                 sr = src_rows[row]
                 sp = role_positions(iv.pos, sr, len(sr["tokens"]))
                 return src_acts[site.name][row, p if sp is None else sp[j], a:b]
 
+            if site.subspace is not None:
+                value_fn = in_subspace(value_fn, *space_of(spaces, site))
             edits.append((site, base_pos if iv.pos is not None else None, value_fn))
         logits = patched_logits(model, ids, mask, edits)
         out.append(metric_by_hand(metric["kind"], logits, m_pos, targets, wrong, clean))
@@ -166,9 +176,11 @@ def test_engine_equals_hooks(tmp_path, model, metric):
     lengths = (
         [10] * 14 if metric in ("loss", "kl") else [10, 8, 12, 9, 10, 11, 8, 12, 10, 9, 11, 12]
     )
+    spaces = write_subspaces(tmp_path)
     study, plan = compile_file(write_study(tmp_path, model, metric, lengths))
+    assert any("orthonormalised" in w for w in study.warnings)
     state = loaded_for(plan, model=study.model)
-    checked = 0
+    checked = subspaces = 0
     for job in plan.jobs:
         if (
             job.source in ("rows",)
@@ -177,9 +189,10 @@ def test_engine_equals_hooks(tmp_path, model, metric):
         ):
             continue  # "all" positions across different lengths is an error by design
         got = run_job(job, plan, state.engine, state.data)
-        clean, want = reference_job(study.model.module, plan, state.data, job, plan.metric)
+        clean, want = reference_job(study.model.module, plan, state.data, job, plan.metric, spaces)
         assert got.clean == pytest.approx(clean, abs=1e-5)
         for label, g, w in zip([v.label for v in job.variants], got.variants, want, strict=True):
             assert g == pytest.approx(w, abs=1e-5), f"{job.experiment} {label}"
         checked += len(job.variants)
-    assert checked > 50
+        subspaces += sum("[" in i.site for v in job.variants for i in v.interventions)
+    assert checked > 50 and subspaces >= 15

@@ -4,7 +4,6 @@ known exactly, and the refusal of a model the trees cannot model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from reference.bidirectional import BidirectionalReference, query_shift, read_ahead
 from reference.hooks import metric_by_hand
+from reference.scrub import hyp_of
 
 from mi_spec import api
 from mi_spec.errors import SpecError
@@ -25,21 +25,6 @@ from mi_spec.tracking.base import InMemoryTracker
 from mi_spec.zoo import attn_only
 
 V, T = 6, 7
-_SPEC = importlib.util.spec_from_file_location(
-    "scrub_tests", Path(__file__).with_name("test_causal_scrubbing.py")
-)
-assert _SPEC and _SPEC.loader
-_causal_tests = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(_causal_tests)
-reference_hyp = _causal_tests.reference_hyp  # the variant's hypothesis as the reference reads it
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pattern_of(model: torch.nn.Module):
@@ -128,7 +113,7 @@ def test_batched_engine_equals_bidirectional_reference(tmp_path):
         positions = [list(range(1, 6))] * len(job.rows)
         targets = [[state.data.tokens[r][p + 1] for p in range(1, 6)] for r in job.rows]
         for variant, got in zip(job.params["variants"], result.variants, strict=True):
-            hyp = reference_hyp(study, variant)
+            hyp = hyp_of(study, variant)
             ref = BidirectionalReference(
                 study.model.module, plan.sites, state.data, job.params, hyp
             )

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from reference.hooks import metric_by_hand
-from reference.scrub import Hyp, Reference
+from reference.models import TINY_MODELS
+from reference.scrub import Reference, hyp_of
 
 from mi_spec import api
 from mi_spec.analysis.graph_figure import causal_panel, model_panel
-from mi_spec.data.positions import resolve_role
 from mi_spec.errors import SpecError
 from mi_spec.execute.ops import op_for
 from mi_spec.execute.worker import loaded_for
@@ -34,21 +34,7 @@ from mi_spec.zoo import INDUCTION_2L_CHECKPOINT, INDUCTION_2L_METADATA
 ROOT = Path(__file__).resolve().parents[2]
 HANDBUILT = ROOT / "hypotheses" / "handbuilt_scrub.yaml"
 INDUCTION = ROOT / "hypotheses" / "induction_scrub.yaml"
-MODELS = {
-    "gpt2": "hf_config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 4, vocab_size: 40, "
-    "n_positions: 32}",
-    "toy": "factory: mi_spec.zoo:attn_only\n  kwargs: {n_layers: 2, n_heads: 4, d_model: 32, "
-    "d_head: 8, n_ctx: 32, d_vocab: 40}",
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a busy machine's stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+MODELS = TINY_MODELS
 
 
 def write_study(tmp_path: Path, model: str, unnamed: str) -> Path:
@@ -96,30 +82,6 @@ experiments:
     return tmp_path / "h.yaml"
 
 
-def reference_hyp(study, variant: dict) -> Hyp:
-    """The variant's own hypothesis (its nodes and output, as recorded in the plan)."""
-    data, causal = study.data, study.causal
-    nodes = []
-    for var, text in variant["nodes"]:
-        site, _, role = text.partition("@")
-
-        def positions(row, role=role):
-            return resolve_role(role, study.positions, data, [row])[0]
-
-        nodes.append((site, positions if role else None, var))
-    rows = [causal.compute(data.row(r)) for r in range(len(data))]
-    return Hyp(
-        nodes=nodes,
-        parents={v: causal.parents(v) for v in causal.variables},
-        output=variant["output"],
-        per_position={v: causal.variables[v].per_position for v in causal.variables},
-        values={v: [r[v] for r in rows] for v in causal.variables},
-        n_layers=study.dims.n_layers,
-        n_heads=study.dims.n_heads,
-        has_mlp="L0.mlp_out" in study.vocabulary,
-    )
-
-
 @pytest.mark.parametrize(
     "model,unnamed", [("toy", "independent"), ("gpt2", "independent"), ("gpt2", "joint")]
 )
@@ -133,7 +95,7 @@ def test_batched_engine_equals_recursive_reference(tmp_path, model, unnamed):
         targets = [[state.data.tokens[r][p + 1] for p in (4, 5, 6)] for r in job.rows]
         forwards = 0
         for variant, got in zip(job.params["variants"], result.variants, strict=True):
-            job_hyp = reference_hyp(study, variant)
+            job_hyp = hyp_of(study, variant)
             main = main or job_hyp
             ref = Reference(study.model.module, plan.sites, state.data, job.params, job_hyp)
             logits = torch.stack([ref.root_logits(k) for k in variant["roots"]])
@@ -206,8 +168,8 @@ def test_hypothesis_errors_and_warnings(tmp_path):
     backwards = Hypothesis.build({"a": ["embed"], "b": ["L1.H0"], "c": ["L0.H1"]}, parents)
     with pytest.raises(ScrubError, match=r"c \(L0.H1\) reads b, but none of b's sites"):
         check_hypothesis(backwards, arch)
-    with pytest.raises(ScrubError, match="resid_pre"):
-        check_hypothesis(Hypothesis.build({"a": ["L0.resid_pre"]}, parents), arch)
+    with pytest.raises(ScrubError, match="'L0.attn_out' is none of these"):
+        check_hypothesis(Hypothesis.build({"a": ["L0.attn_out"]}, parents), arch)
     warn = check_hypothesis(Hypothesis.build({"a": ["embed"], "b": ["L1.H0:k"]}, parents), arch)
     assert any("not reached from the output" in w for w in warn)
     path = write_study(tmp_path, "toy", "independent")

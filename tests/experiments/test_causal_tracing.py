@@ -36,14 +36,6 @@ MODELS = {
 POSITIONS = ["all", 0, 2, 3, 8, 9]  # rows of 10 tokens: noise at 2..3, the metric scores 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write(tmp_path: Path, model: str, extra: str = "") -> Path:
     rng = random.Random(2)
     with open(tmp_path / "rows.jsonl", "w") as f:

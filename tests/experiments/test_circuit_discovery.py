@@ -45,14 +45,6 @@ KNOWN = ["embed->L0.H2:v", "L0.H2->L1.H1:k", "embed->L1.H1:q", "embed->L1.H1:v",
 HANDBUILT_KNOWN = [e.replace("H2", "H0").replace("H1", "H0") for e in KNOWN]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(tmp_path: Path, *experiments: str) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY + "".join(f"  - {e}\n" for e in experiments))

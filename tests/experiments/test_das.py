@@ -56,15 +56,6 @@ experiments:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add overhead (30x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _equality(tmp_path, experiments: str, model: str = "equality_mlp", dtype: str = "float32"):
     path = tmp_path / "eq.yaml"
     text = EQUALITY % (model, dtype) + experiments

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mi_spec import api
 from mi_spec.experiments.effects import NEAR_ZERO, near_zero_denominator
@@ -27,14 +26,6 @@ SMALL_SCRUB = [
     "experiments.0.controls.n_random=0",
     "experiments.0.controls.drop_one=false",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _denominator(warnings: list[str], what: str) -> float:

@@ -31,14 +31,6 @@ GPT2 = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write(tmp_path: Path, model: str, metric: str, vocab: int = 40, extra: str = "") -> Path:
     rng = random.Random(0)
     with open(tmp_path / "rows.jsonl", "w") as f:

@@ -54,15 +54,6 @@ EXPERIMENTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a busy machine's stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_study(tmp_path: Path, model: str, metric: str, experiments: str, rows: int = 24) -> Path:
     rng = random.Random(2)
     with open(tmp_path / "rows.jsonl", "w") as f:

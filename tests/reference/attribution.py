@@ -99,39 +99,55 @@ def _cols(site) -> slice:
     return slice(site.start, site.stop)
 
 
+Delta = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (source, base) columns -> change
+
+
+def _minus(src: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return src - base
+
+
 def node_estimates(
-    model, base, source, site, base_pos, src_pos, metric: Callable[[torch.Tensor], torch.Tensor]
+    model,
+    base,
+    source,
+    site,
+    base_pos,
+    src_pos,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    delta: Delta = _minus,
 ) -> list[float]:
-    """sum_j (a_src(src_pos[j]) - a_base(base_pos[j])) . dM/da(base_pos[j]) per row, where the
-    gradient is taken on a zero tensor added to the site's whole activation."""
+    """sum_j D_j . dM/da(base_pos[j]) per row, D_j = ``delta``(a_src(src_pos[j]),
+    a_base(base_pos[j])) (the patch's change: their difference, or for a subspace what writing the source's
+    coordinates does), the gradient taken on a zero tensor added to the site's whole activation."""
     with torch.no_grad():
         _, got = run(model, *source, reads=[site])
     src = got[site]
-    delta: dict[str, torch.Tensor] = {}
+    zero: dict[str, torch.Tensor] = {}
 
     def add_zero(act: torch.Tensor) -> torch.Tensor:
-        delta["d"] = torch.zeros_like(act, requires_grad=True)
-        return act + delta["d"]
+        zero["d"] = torch.zeros_like(act, requires_grad=True)
+        return act + zero["d"]
 
     with torch.enable_grad():
         logits, got = run(model, *base, edits=[(site, add_zero)], reads=[site])
         m = metric(logits)
-        (grad,) = torch.autograd.grad(m.sum(), [delta["d"]])
+        (grad,) = torch.autograd.grad(m.sum(), [zero["d"]])
     act = got[site].detach()
     out = []
     for row in range(act.shape[0]):
         total = 0.0
         for p, q in zip(base_pos[row], src_pos[row], strict=True):
-            d = src[row, q, _cols(site)] - act[row, p, _cols(site)]
+            d = delta(src[row, q, _cols(site)], act[row, p, _cols(site)])
             total += float((d * grad[row, p, _cols(site)]).sum())
         out.append(total)
     return out
 
 
 def node_finite_difference(
-    model, base, source, site, base_pos, src_pos, metric, eps: float = 1e-4
+    model, base, source, site, base_pos, src_pos, metric, delta: Delta = _minus, eps: float = 1e-4
 ) -> list[float]:
-    """(M(base + eps*D) - M(base - eps*D)) / (2 eps) per row, D = source - base at the site."""
+    """(M(base + eps*D) - M(base - eps*D)) / (2 eps) per row, D = ``delta``(source, base) at the
+    site."""
     with torch.no_grad():
         _, src = run(model, *source, reads=[site])
         _, clean = run(model, *base, reads=[site])
@@ -142,7 +158,7 @@ def node_finite_difference(
             act = act.clone()
             for row in range(act.shape[0]):
                 for p, q in zip(base_pos[row], src_pos[row], strict=True):
-                    d = s[row, q, _cols(site)] - a[row, p, _cols(site)]
+                    d = delta(s[row, q, _cols(site)], a[row, p, _cols(site)])
                     act[row, p, _cols(site)] = a[row, p, _cols(site)] + sign * eps * d
             return act
 

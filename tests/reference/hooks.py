@@ -41,7 +41,8 @@ def capture(model, ids, mask, sites) -> dict[str, torch.Tensor]:
 
 
 def patched_logits(model, ids, mask, edits) -> torch.Tensor:
-    """``edits``: list of (site, per-row position lists or None, value_fn(row, pos) -> [w])."""
+    """``edits``: list of (site, per-row position lists or None, value_fn(row, pos) -> [w]); a
+    ``value_fn`` with ``relative = True`` is called as value_fn(row, pos, current [w])."""
     handles = []
 
     def apply(act: torch.Tensor, site, positions, value_fn) -> torch.Tensor:
@@ -50,7 +51,10 @@ def patched_logits(model, ids, mask, edits) -> torch.Tensor:
         for row in range(act.shape[0]):
             ps = range(act.shape[1]) if positions is None else positions[row]
             for p in ps:
-                act[row, p, a:b] = value_fn(row, p)
+                if getattr(value_fn, "relative", False):  # the new value from the current one
+                    act[row, p, a:b] = value_fn(row, p, act[row, p, a:b])
+                else:
+                    act[row, p, a:b] = value_fn(row, p)
         return act
 
     for site, positions, value_fn in edits:

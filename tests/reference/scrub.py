@@ -10,7 +10,13 @@ edge must be and asserting the tree says the same:
   that agrees with the reader's row on that variable (at that position for per-position variables),
   needed there; any other input there is a clean value of some other row;
 
-and computes each node with ONE plain forward pass of the model, PyTorch hooks overwriting every
+A node at a residual point (``L1.resid_pre``, ``L0.resid_post``: depth 1) stands for every writer
+below it: a reader above it reads it plus the writers from its depth up. A subspace node
+``site[name]`` (``projectors[site[name]]``: the orthogonal projector P onto its span, in the site's
+columns) sets only P's part: the input at that position is ``x + P (x_child - x)``, ``x`` the
+position's own source.
+
+It computes each node with ONE plain forward pass of the model, PyTorch hooks overwriting every
 input of the node position by position (Python loops) and capturing its site. Roots return logits.
 """
 
@@ -22,9 +28,12 @@ from typing import Any
 
 import torch
 
+from mi_spec.data.positions import resolve_role
+
 HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
 PART = re.compile(r"^(L\d+\.H\d+):([qkv])$")
 MLP = re.compile(r"^L(\d+)\.mlp_out$")
+RESID = re.compile(r"^L(\d+)\.resid_(pre|post)$")
 OUT = "<output>"
 
 
@@ -40,6 +49,7 @@ class Hyp:
     n_layers: int
     n_heads: int
     has_mlp: bool
+    projectors: dict[str, torch.Tensor] = field(default_factory=dict)  # site[name] -> P
     split: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +58,39 @@ class Hyp:
 
 def layer(site: str) -> int:
     return -1 if site == "embed" else int(site[1 : site.index(".")])
+
+
+def depth(site: str) -> int | None:
+    m = RESID.match(site)
+    return None if m is None else int(m[1]) + (1 if m[2] == "post" else 0)
+
+
+def plain(site: str) -> str:
+    return site.split("[")[0]
+
+
+def inputs(h: Hyp, site: str) -> list[str]:
+    """What ``site`` reads: q/k/v of a split head, else upstream writers cut at the deepest
+    residual-point node below the reader."""
+    if site in h.split:
+        return [f"{site}:{p}" for p in "qkv"]
+    points = {depth(plain(s)): plain(s) for s, _, _ in h.nodes if depth(plain(s)) is not None}
+    mine = depth(site)
+    if mine is not None:
+        ups = [w for w in upstream(h, "logits") if layer(w) < mine]
+        below = [d for d in points if d < mine]
+    else:
+        ups = upstream(h, site)
+        top = (
+            h.n_layers
+            if site == "logits"
+            else layer(PART.match(site)[1] if PART.match(site) else site)
+        )
+        below = [d for d in points if d <= top]
+    if not below:
+        return ups
+    cut = max(below)
+    return [points[cut]] + [w for w in ups if layer(w) >= cut]
 
 
 def upstream(h: Hyp, reader: str) -> list[str]:
@@ -96,12 +139,14 @@ class Reference:
         sid, row, need, edges = self.nodes[k]
         site = self.sites[sid]
         h = self.hyp
-        inputs = [f"{site}:{p}" for p in "qkv"] if site in h.split else upstream(h, site)
-        assert [self.sites[e[0]] for e in edges] == inputs, (site, edges)
+        reads_from = inputs(h, site)
+        assert [self.sites[e[0]] for e in edges] == reads_from, (site, edges)
         length = self.data.lengths[row]
         attention = HEAD.match(site) is not None
         edits = {}
-        for (_, default, overrides), src_site in zip(edges, inputs, strict=True):
+        for edge, src_site in zip(edges, reads_from, strict=True):
+            _, default, overrides = edge[:3]
+            spaces = edge[3] if len(edge) > 3 else []
             src = [default] * length
             for q, s in overrides:
                 src[q] = s
@@ -115,6 +160,16 @@ class Reference:
                 self.clean(s, src_site)[q] if s >= 0 else self.value(-s - 1, var_of[-s - 1])[q]
                 for q, s in enumerate(src)
             ]
+            sub_owner = self.check_spaces(src_site, var, row, spaces, list(reads))
+            for q, s, sub in spaces:  # x + P (x_child - x) at q
+                x = edits[src_site][q]
+                child = (
+                    self.clean(s, src_site)[q]
+                    if s >= 0
+                    else self.value(-s - 1, sub_owner[(q, sub)])[q]
+                )
+                proj = h.projectors[self.sites[sub]].to(x.dtype)
+                edits[src_site][q] = x + proj @ (child - x)
         value = self.forward(row, edits, [site])[site]
         self.memo[k] = value
         return value
@@ -125,7 +180,7 @@ class Reference:
         parents = h.output if var == OUT else h.parents.get(var, [])
         owner: dict[int, str] = {}
         for s, role, v in h.nodes:
-            if s == src_site and v in parents:
+            if s == src_site and v in parents:  # whole-site nodes (subspace nodes: check_spaces)
                 for q in range(self.data.lengths[row]) if role is None else role(row):
                     assert q not in owner
                     owner[q] = v
@@ -157,6 +212,32 @@ class Reference:
             else:
                 assert need == sorted(qs), (need, qs)
         return owner
+
+    def check_spaces(self, src_site, var, row, spaces, reads) -> dict[tuple[int, int], str]:
+        """Assert each subspace source is a child of ``src_site`` agreeing on its node's variable;
+        the variable per (position, subspace site)."""
+        h = self.hyp
+        parents = h.output if var == OUT else h.parents.get(var, [])
+        owner: dict[tuple[int, str], str] = {}
+        for s, role, v in h.nodes:
+            if plain(s) == src_site and s != src_site and v in parents:
+                for q in range(self.data.lengths[row]) if role is None else role(row):
+                    assert (q, s) not in owner
+                    owner[(q, s)] = v
+        found = {(q, self.sites[sub]) for q, _, sub in spaces}
+        assert found == {k for k in owner if k[0] in reads}, (src_site, found, owner)
+        out = {}
+        for q, s, sub in spaces:
+            v = owner[(q, self.sites[sub])]
+            assert s < 0 or src_site == "embed"
+            other = self.nodes[-s - 1][1] if s < 0 else s
+            if s < 0:
+                assert self.sites[self.nodes[-s - 1][0]] == src_site
+            assert other != row
+            mine, theirs = h.values[v][row], h.values[v][other]
+            assert (mine[q] == theirs[q]) if h.per_position[v] else (mine == theirs), (v, q)
+            out[(q, sub)] = v
+        return out
 
     # --- one forward --------------------------------------------------------------------------
     def forward(
@@ -212,3 +293,27 @@ class Reference:
                 handle.remove()
         got["logits"] = (out.logits if hasattr(out, "logits") else out)[0]
         return got
+
+
+def hyp_of(study: Any, variant: dict) -> Hyp:
+    """The variant's own hypothesis (its nodes and output, as recorded in the plan)."""
+    data, causal = study.data, study.causal
+    nodes = []
+    for var, text in variant["nodes"]:
+        site, _, role = text.partition("@")
+
+        def positions(row, role=role):
+            return resolve_role(role, study.positions, data, [row])[0]
+
+        nodes.append((site, positions if role else None, var))
+    rows = [causal.compute(data.row(r)) for r in range(len(data))]
+    return Hyp(
+        nodes=nodes,
+        parents={v: causal.parents(v) for v in causal.variables},
+        output=variant["output"],
+        per_position={v: causal.variables[v].per_position for v in causal.variables},
+        values={v: [r[v] for r in rows] for v in causal.variables},
+        n_layers=study.dims.n_layers,
+        n_heads=study.dims.n_heads,
+        has_mlp="L0.mlp_out" in study.vocabulary,
+    )
