@@ -91,16 +91,12 @@ def _check_ref(ref: str, base: Path) -> tuple[str, str | None]:
     """Where ``ref``'s module lives, and a problem with ``ref`` (None if none), found without
     executing any module outside mi_spec."""
     module, _, attrs = ref.partition(":")
-    if module == OWN_PACKAGE or module.startswith(OWN_PACKAGE + "."):
-        try:
-            import_ref(ref)
-        except MiSpecError as e:
-            return "mi_spec", str(e)
-        return "mi_spec", None
+    own = module == OWN_PACKAGE or module.startswith(OWN_PACKAGE + ".")
     top = module.split(".")[0]
     if top in sys.builtin_module_names:
         return "built into Python", None
-    folders = [p for p in sys.path if p] + [str(base)]
+    # mi_spec's own modules are looked up like any other (importing the zoo would import torch)
+    folders = [str(Path(__file__).parents[2])] if own else [p for p in sys.path if p] + [str(base)]
     source = module_file(module, folders)
     if source is None:
         if _extension_module(module, folders):
@@ -115,9 +111,10 @@ def _check_ref(ref: str, base: Path) -> tuple[str, str | None]:
     except (SyntaxError, UnicodeDecodeError, ValueError) as e:
         return str(source), f"module {module!r} ({source}) does not parse: {e}"
     defined, dynamic = _top_level_names(tree)
+    where = "mi_spec" if own else str(source)
     if first in defined or dynamic or (source.name == "__init__.py" and _submodule(source, first)):
-        return str(source), None
-    return str(source), f"module {module!r} ({source}) defines no top-level name {first!r}"
+        return where, None
+    return where, f"module {module!r} ({source}) defines no top-level name {first!r}"
 
 
 def _extension_module(module: str, folders: list[str]) -> bool:
@@ -256,6 +253,11 @@ def _meta_model(spec: Spec, base: Path) -> tuple[Any, str]:
     section = spec.model
     if section.factory and not section.factory.startswith(OWN_PACKAGE + "."):
         return None, f"the model comes from user code ({section.factory})"
+    if section.factory:  # a bundled model: its structure is known without torch
+        from mi_spec.zoo.skeletons import skeleton
+
+        if (found := skeleton(section.factory, section.kwargs)) is not None:
+            return found, ""
     import torch
 
     try:

@@ -50,13 +50,20 @@ def test_help_imports_nothing_heavy():
     assert loaded == set(), f"mi-spec --help imported {sorted(loaded)}"
 
 
-@pytest.mark.parametrize("name", ["induction_patching", "equality_das"])
-def test_static_on_a_bundled_model_imports_torch_only(name):
-    """A bundled model is built on the meta device (torch), with initialisation skipped, so no
-    meta kernel imports torch._dynamo; nothing that runs, tracks or draws is imported."""
+@pytest.mark.parametrize("name", ["induction_patching", "equality_das", "handbuilt_scrub"])
+def test_static_on_a_bundled_model_imports_no_torch(name):
+    """A bundled model's structure is known without torch (``zoo/skeletons.py``): nothing heavy
+    is imported, torch included."""
     rc, loaded = loaded_by(["validate", "--static", f"hypotheses/{name}.yaml"])
     assert rc == 0
-    assert loaded == {"torch"}, f"validate --static imported {sorted(loaded)}"
+    assert loaded == set(), f"validate --static imported {sorted(loaded)}"
+
+
+def test_static_on_an_hf_config_model_builds_it_on_meta(study_file):
+    """An hf_config model is built on the meta device (torch and transformers; nothing runs)."""
+    rc, loaded = loaded_by(["validate", "--static", str(study_file())])
+    assert rc == 0
+    assert "torch" in loaded and not loaded & {"mlflow", "distributed", "matplotlib"}
 
 
 def test_static_with_user_model_code_imports_no_torch(tmp_path):
