@@ -67,6 +67,14 @@ class LoadedModel:
         return self.materialize is None
 
 
+def no_kv_cache(module: torch.nn.Module) -> None:
+    """Turn off a Hugging Face model's KV cache: every pass here is one full forward, and the
+    cache it would build (keys and values of every layer) is never read."""
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` (cuda when available), or a device name checked against this machine."""
     if name == "auto":
@@ -136,6 +144,7 @@ def load_model(section: ModelSection, base_dir: Path, lazy: bool = False) -> Loa
     else:
         module = module.to(dtype=dtype)  # accelerate placed it; a move would undo the map
     module = module.eval()
+    no_kv_cache(module)
     for p in module.parameters():
         p.requires_grad_(False)
     adapter = _adapter(module, section, base_dir)

@@ -256,6 +256,27 @@ def test_handbuilt_reaches_one(tmp_path):
     )
 
 
+def test_das_inside_a_given_subspace_is_exact_on_the_known_mechanism(tmp_path):
+    """DAS searches inside a subspace site: its rotation acts on the subspace's coordinates. With
+    the hand-built model's L0 dims as the subspace's columns in their own order, the identity
+    rotation puts WX on dims 0-7 and YZ on 8-15: IIA exactly 1 (as on the whole site); with the two
+    blocks' columns swapped the same rotation claims each variable where the other lives."""
+    eye = np.eye(16, dtype=np.float32)
+    np.save(tmp_path / "ordered.npy", eye)
+    np.save(tmp_path / "swapped.npy", eye[:, list(range(8, 16)) + list(range(8))])
+    exp = "".join(
+        f"  - {{name: {n}, kind: das, variables: [WX, YZ], site: 'L0.resid_post[{n}]@last', "
+        "intervention: full, init: identity, training: {epochs: 0}, pairs: {test: 256}}\n"
+        for n in ("ordered", "swapped")
+    )
+    path = _equality(tmp_path, exp, model="equality_handbuilt")
+    spaces = "subspaces:\n  ordered: {basis: ordered.npy}\n  swapped: {basis: swapped.npy}\n"
+    path.write_text(spaces + path.read_text())
+    ordered, swapped = _run(path).reports
+    assert ordered.metrics["das.iia"] == 1.0
+    assert swapped.metrics["das.iia.ci_high"] < 0.9
+
+
 @pytest.mark.parametrize(
     ("kind", "init"), [("full", "random"), ("low_rank", "identity"), ("boundless", "random")]
 )

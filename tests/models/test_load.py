@@ -82,3 +82,16 @@ def test_missing_hf_dir_is_located(tmp_path):
     with pytest.raises(SpecError) as e:
         compile_file(tmp_path / "h.yaml")
     assert "h.yaml:3:" in str(e.value) and "nowhere" in str(e.value)
+
+
+def test_hf_models_build_no_kv_cache(tmp_path):
+    """Every pass is one full forward: the KV cache HF builds by default is never read, so it is
+    off (no past_key_values come back), for hf_config models and hf folders alike."""
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 40}
+    built = load_model(ModelSection(hf_config=config), tmp_path)
+    assert built.module.config.use_cache is False
+    out = built.module(torch.tensor([[1, 2, 3]]))
+    assert out.past_key_values is None
+    _save_tiny_gpt2_with_tokenizer(tmp_path / "tiny-gpt2")
+    folder = load_model(ModelSection(hf="tiny-gpt2"), tmp_path, lazy=True)
+    assert folder.module.config.use_cache is False
