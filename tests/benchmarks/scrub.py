@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from reference.hooks import metric_by_hand  # noqa: E402
-from reference.scrub import Hyp, Reference  # noqa: E402
+from reference.scrub import Reference, hyp_of  # noqa: E402
 
 from mi_spec.api import compile_file  # noqa: E402
-from mi_spec.data.positions import resolve_role  # noqa: E402
 from mi_spec.execute.metrics import make_targets  # noqa: E402
 from mi_spec.execute.ops import op_for  # noqa: E402
 from mi_spec.execute.worker import loaded_for  # noqa: E402
@@ -70,29 +69,6 @@ experiments:
 """
 
 
-def reference_hyp(study, variant: dict) -> Hyp:
-    data, causal = study.data, study.causal
-    nodes = []
-    for var, text in variant["nodes"]:
-        site, _, role = text.partition("@")
-
-        def positions(row, role=role):
-            return resolve_role(role, study.positions, data, [row])[0]
-
-        nodes.append((site, positions if role else None, var))
-    rows = [causal.compute(data.row(r)) for r in range(len(data))]
-    return Hyp(
-        nodes=nodes,
-        parents={v: causal.parents(v) for v in causal.variables},
-        output=variant["output"],
-        per_position={v: causal.variables[v].per_position for v in causal.variables},
-        values={v: [r[v] for r in rows] for v in causal.variables},
-        n_layers=study.dims.n_layers,
-        n_heads=study.dims.n_heads,
-        has_mlp="L0.mlp_out" in study.vocabulary,
-    )
-
-
 def bench(name: str, path: Path, overrides: list[str]) -> dict:
     study, plan = compile_file(path, overrides)
     state = loaded_for(plan, model=study.model)
@@ -106,7 +82,7 @@ def bench(name: str, path: Path, overrides: list[str]) -> dict:
         out["nodes"] += len(job.params["nodes"])
         targets = make_targets(study.spec.metric, state.data, list(job.rows), study.positions)
         for variant, got in zip(job.params["variants"], result.variants, strict=True):
-            hyp = reference_hyp(study, variant)
+            hyp = hyp_of(study, variant)
             ref = Reference(study.model.module, plan.sites, state.data, job.params, hyp)
             t0 = time.perf_counter()
             logits = torch.stack([ref.root_logits(k) for k in variant["roots"]])
