@@ -252,18 +252,6 @@ def _placeholder(value: Any) -> Any:
     return None
 
 
-def _prefix_modules(engine: Engine, module: str) -> list[str]:
-    """The outermost modules that run (once) and finish before ``module`` starts, in order."""
-    start = engine.order[(module, "input")]
-    ancestors = {".".join(module.split(".")[:i]) for i in range(module.count(".") + 1)}
-    done = {
-        name for (name, io), i in engine.order.items()
-        if io == "output" and i < start and name not in ancestors and engine.calls.get(name) == 1
-    }  # fmt: skip
-    top = [m for m in done if m.rpartition(".")[0] not in done]
-    return sorted(top, key=lambda m: engine.order[(m, "input")])
-
-
 class Runner:
     """Forwards with the site's value replaced: the whole model, or only above the site."""
 
@@ -300,7 +288,7 @@ class Runner:
         e, outs = self.engine, {}
         ids, mask = (torch.tensor(x, device=e.device) for x in self.data.padded(rows))
         with e.nn.trace(ids, **({"attention_mask": mask} if e.pass_mask else {})):
-            for path in _prefix_modules(e, self.site.module):
+            for path in e.prefix_modules(self.site.module):
                 outs[path] = e.envoy(path).output
             outs[""] = e.nn.output
         ref = outs.pop("")

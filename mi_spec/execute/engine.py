@@ -90,6 +90,7 @@ class Engine:
         self.pass_positions = _accepts(model, "position_ids")
         self.device = next(model.parameters()).device
         self.padding_side = padding_side
+        self.resumable: dict[str, bool] = {}  # module -> a pass may resume there (run_job)
 
     def _inputs(
         self, ids: torch.Tensor, mask: torch.Tensor
@@ -122,14 +123,44 @@ class Engine:
                 "(an intervention there would silently do nothing)"
             )
 
+    def prefix_modules(self, module: str) -> list[str]:
+        """The outermost modules that run (once) and finish before ``module`` starts, in forward
+        order: what a pass resuming at ``module`` need not run."""
+        start = self.order[(module, "input")]
+        ancestors = {".".join(module.split(".")[:i]) for i in range(module.count(".") + 1)}
+        done = {
+            name for (name, io), i in self.order.items()
+            if io == "output" and i < start and name not in ancestors and self.calls.get(name) == 1
+        }  # fmt: skip
+        top = [m for m in done if m.rpartition(".")[0] not in done]
+        return sorted(top, key=lambda m: self.order[(m, "input")])
+
+    def outputs(
+        self, ids: torch.Tensor, mask: torch.Tensor, modules: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One plain forward (right-padded rows); the logits and each module's whole output, as
+        the module returned it (a tensor or a tuple): what ``run(skips=...)`` resumes from."""
+        got: dict[str, Any] = {}
+        ids, kwargs, _ = self._inputs(ids, mask)
+        with torch.no_grad(), self.nn.trace(ids, **kwargs):
+            for m in sorted(modules, key=lambda m: self.order[(m, "output")]):
+                got[m] = self.envoy(m).output
+            got["__logits__"] = self.nn.output
+        return _logits_of(got.pop("__logits__")), got
+
     def run(
         self,
         ids: torch.Tensor,
         mask: torch.Tensor,
         reads: Sequence[Read] = (),
         writes: Sequence[Write] = (),
+        skips: Sequence[tuple[str, Any]] = (),
     ) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
-        """One forward; returns the logits and the values read (``key`` -> tensor)."""
+        """One forward; returns the logits and the values read (``key`` -> tensor).
+
+        ``skips``: (module, output) pairs of modules that do not run; each returns the given
+        output instead (clean-prefix reuse: a pass resumes from cached outputs of the modules
+        before its first write). Right-padded batches only."""
         by_site: dict[tuple[str, str], tuple[list[Read], list[Write]]] = defaultdict(
             lambda: ([], [])
         )
@@ -142,6 +173,9 @@ class Engine:
         ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
         out: dict[Any, Any] = {}
         ids, kwargs, layout = self._inputs(ids, mask)
+        if skips and layout is not None:
+            raise ExecutionError("a pass resuming from cached outputs needs right-padded rows")
+        skipped = sorted(skips, key=lambda s: self.order[(s[0], "input")])
         if layout is not None:
             reads = [layout.read(r) for r in reads]
             writes = [layout.write(w) for w in writes]
@@ -153,7 +187,13 @@ class Engine:
             ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
         try:
             with torch.no_grad(), self.nn.trace(ids, **kwargs):
-                for (module, io), (site_reads, site_writes) in ordered:
+                events = [(self.order[(m, "input")], m, v) for m, v in skipped]
+                events += [(self.order[key], key, pair) for key, pair in ordered]
+                for _, where, what in sorted(events, key=lambda e: e[0]):
+                    if isinstance(where, str):  # a module that does not run
+                        self.envoy(where).skip(what)
+                        continue
+                    (module, io), (site_reads, site_writes) = where, what
                     env = self.envoy(module)
                     act = env.input if io == "input" else env.output
                     for r in site_reads:

@@ -1,7 +1,15 @@
-"""Run one Job: a source (or mean) pass, then the clean run and every variant packed as batch rows.
+"""Run one Job: a source (or mean) pass, the clean run, then every variant packed as batch rows.
 
-Cost per job: 1 source pass + ceil((V + 1) / G) patched passes, where G = max_batch_rows // B copies
-of the B base rows fit in one pass. A variant patching K sites still costs one patched pass.
+Clean-prefix reuse: variants are ordered by their first write in the forward order and packed in
+that order; a pass resumes at its first write's module, the modules that finish before it (the
+embedding, the blocks below, ...) skipped and returning their outputs from the clean run. So a
+pass pays only for the layers at and above its sites. Each resume point is checked once per
+process (a resumed pass with no writes must give the clean logits); where it does not, or with
+left padding, passes run whole.
+
+Cost per job: 1 source pass + 1 clean pass + ceil(V / G) patched passes (each from its resume
+point), where G = max_batch_rows // B copies of the B base rows fit in one pass. A variant
+patching K sites still costs one patched pass.
 """
 
 from __future__ import annotations
@@ -54,16 +62,23 @@ def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
         {(i.site, i.pos) for v in job.variants for i in v.interventions}, key=lambda k: str(k)
     )
     values, source_logits = source_values(job, plan, table, engine, data, base, keys)
-    clean_logp = None
-    per_variant: list[torch.Tensor] = []
-    todo: list[Variant | None] = [None, *job.variants]  # None = the clean run
+    order = sorted(
+        range(len(job.variants)), key=lambda i: _first_write(job.variants[i], plan, engine)
+    )
     per_pass = max(1, plan.max_batch_rows // len(rows))
-    for start in range(0, len(todo), per_pass):
-        group = todo[start : start + per_pass]
-        logits = _patched_pass(group, plan, table, engine, base, values)
-        if clean_logp is None:  # the first group starts with the clean run
-            clean_logp = torch.log_softmax(picked_logits(logits[: len(rows)], targets), -1)
-        per_variant += list(score(metric.kind, logits, targets, clean_logp).view(len(group), -1))
+    groups = [order[i : i + per_pass] for i in range(0, len(order), per_pass)]
+    resume = {g[0]: _resume_module(job.variants[g[0]], plan, engine) for g in groups}
+    clean_logits, cached = _clean_pass(engine, base, {m for m in resume.values() if m})
+    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets), -1)
+    scored: dict[int, torch.Tensor] = {}
+    for g in groups:
+        skips = _skips(engine, resume[g[0]], cached, base, clean_logits, len(g))
+        group = [job.variants[i] for i in g]
+        logits = _patched_pass(group, plan, table, engine, base, values, skips)
+        per_row = score(metric.kind, logits, targets, clean_logp).view(len(g), -1)
+        scored |= dict(zip(g, per_row, strict=True))
+    clean = score(metric.kind, clean_logits, targets, clean_logp)
+    per_variant = [clean] + [scored[i] for i in range(len(job.variants))]
     source = None
     if source_logits is not None:
         at = source_targets(metric, data, rows, table, *job_source(job, table, data))
@@ -131,13 +146,81 @@ def _means(
     return {k: (v / len(refs)).float() for k, v in sums.items()}
 
 
+def _first_write(variant: Variant, plan: Plan, engine: Engine) -> tuple[int, str | None]:
+    """Where in the forward order the variant's first intervention is, and its module (None for
+    a variant that writes nothing)."""
+    spots = [(plan.sites[i.site].module, plan.sites[i.site].io) for i in variant.interventions]
+    if not spots:
+        return -1, None
+    first = min(spots, key=lambda s: engine.order[s])
+    return engine.order[first], first[0]
+
+
+def _resume_module(variant: Variant, plan: Plan, engine: Engine) -> str | None:
+    """The module a pass of this variant (and of those after it) can resume at: its first write's;
+    None with left padding (the engine moves rows' padding, cached outputs do not follow)."""
+    return None if engine.padding_side == "left" else _first_write(variant, plan, engine)[1]
+
+
+def _clean_pass(
+    engine: Engine, base: Batch, resume: set[str]
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """The clean logits, and the outputs of every module a pass resuming at ``resume`` skips."""
+    modules = sorted({m for r in resume for m in engine.prefix_modules(r)})
+    if not modules:
+        logits, _ = engine.run(base.ids, base.mask)
+        return logits, {}
+    return engine.outputs(base.ids, base.mask, modules)
+
+
+def _skips(
+    engine: Engine,
+    module: str | None,
+    cached: dict[str, object],
+    base: Batch,
+    clean_logits: torch.Tensor,
+    copies: int,
+) -> list[tuple[str, object]]:
+    """(module, cached output repeated for ``copies`` blocks of rows) for a pass resuming at
+    ``module``; empty where resuming there was not checked to give the clean logits."""
+    if module is None:
+        return []
+    prefix = engine.prefix_modules(module)
+    if not prefix:
+        return []
+    if module not in engine.resumable:  # once per process and model: resuming changes nothing
+        try:
+            got, _ = engine.run(base.ids, base.mask, skips=[(m, cached[m]) for m in prefix])
+            scale = float(clean_logits.abs().max()) or 1.0
+            ok = bool(((got - clean_logits).abs().max() <= 1e-5 * max(1.0, scale)).item())
+        except MiSpecError:
+            ok = False
+        engine.resumable[module] = ok
+    if not engine.resumable[module]:
+        return []
+    return [(m, _repeat(cached[m], copies, base.ids.shape[0])) for m in prefix]
+
+
+def _repeat(value: object, copies: int, rows: int) -> object:
+    """``value`` with every tensor of ``rows`` rows stacked ``copies`` times along the rows."""
+    if torch.is_tensor(value):
+        if value.dim() == 0 or value.shape[0] != rows:
+            return value
+        # always a copy: an in-place site write downstream must not reach the cache
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple | list):
+        return type(value)(_repeat(v, copies, rows) for v in value)
+    return value
+
+
 def _patched_pass(
-    group: list[Variant | None],
+    group: list[Variant],
     plan: Plan,
     table: dict[str, PositionSpec],
     engine: Engine,
     base: Batch,
     values: dict[Key, torch.Tensor],
+    skips: list[tuple[str, object]],
 ) -> torch.Tensor:
     """Stack ``len(group)`` copies of the base rows; block g gets variant g's interventions."""
     b = base.ids.shape[0]
@@ -145,12 +228,12 @@ def _patched_pass(
     mask = base.mask.repeat(len(group), 1)
     writes = []
     for g, variant in enumerate(group):
-        for iv in variant.interventions if variant else ():
+        for iv in variant.interventions:
             site = plan.sites[iv.site]
             value = values.get((iv.site, iv.pos))
             if value is None:  # zero ablation: a scalar broadcasts over the site's slice
                 value = torch.zeros(())
             rows = slice(g * b, (g + 1) * b)
             writes.append(Write(site, rows, base.role(table, iv.pos), value))
-    logits, _ = engine.run(ids, mask, writes=writes)
+    logits, _ = engine.run(ids, mask, writes=writes, skips=skips)
     return logits
