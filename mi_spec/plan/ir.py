@@ -91,7 +91,9 @@ class Job(Frozen):
         return sum(-(-n // max_rows) for n in self.params.get("backward_rows", ()))
 
     def forward_passes(self, max_rows: int) -> int:
-        """Source/mean passes + patched passes (clean + variants, packed ``max_rows`` rows a pass).
+        """Source/mean passes + the clean pass + patched passes (variants packed ``max_rows`` rows
+        a pass, each resuming at its first write: ``execute/run_job.py``; the one-time check of a
+        resume point, once per process, is not counted).
 
         Ops that pack their own rows list the rows of each stage in ``params["level_rows"]``
         (each stage is run in passes of at most ``max_rows`` rows).
@@ -99,7 +101,7 @@ class Job(Frozen):
         if "level_rows" in self.params:
             return sum(-(-n // max_rows) for n in self.params["level_rows"])
         per_pass = max(1, max_rows // max(1, len(self.rows)))
-        patched = -(-(len(self.variants) + 1) // per_pass)
+        patched = 1 + -(-len(self.variants) // per_pass)
         extra = 1 if self.source in ("rows", "column") else 0
         if self.source == "mean":
             extra = -(-len(self.source_rows) // max(1, max_rows))

@@ -13,7 +13,7 @@ def pass_rows(job: Job, max_rows: int) -> int:
     if "level_rows" in job.params:
         return min(max_rows, max(job.params["level_rows"]))
     per_pass = max(1, max_rows // max(1, len(job.rows)))
-    return len(job.rows) * min(per_pass, len(job.variants) + 1)
+    return len(job.rows) * max(1, min(per_pass, len(job.variants)))
 
 
 def peak_bytes(plan: Plan, job: Job, seq_len: int) -> int:
