@@ -191,8 +191,8 @@ def _skips(
     if module not in engine.resumable:  # once per process and model: resuming changes nothing
         try:
             got, _ = engine.run(base.ids, base.mask, skips=[(m, cached[m]) for m in prefix])
-            scale = float(clean_logits.abs().max()) or 1.0
-            ok = bool(((got - clean_logits).abs().max() <= 1e-5 * max(1.0, scale)).item())
+            scale = max(1.0, float(clean_logits.abs().max()))
+            ok = bool(((got - clean_logits).abs().max() <= 1e-5 * scale).item())
         except MiSpecError:
             ok = False
         engine.resumable[module] = ok

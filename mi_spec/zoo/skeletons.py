@@ -5,6 +5,7 @@ static check; these describe exactly what building the model would (a test compa
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,20 +34,16 @@ class EqualityMLP(Skeleton):
     """``mi_spec.zoo.equality.EqualityMLP``'s structure."""
 
 
-def _attn_only(
-    n_layers: int = 2,
-    n_heads: int = 4,
-    d_model: int = 64,
-    d_head: int = 16,
-    n_ctx: int = 64,
-    d_vocab: int = 100,
-    seed: int = 0,
-) -> AttnOnlyTransformer:
-    del seed
-    config = SimpleNamespace(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
-                             n_ctx=n_ctx, d_vocab=d_vocab)  # fmt: skip
+def _attn_only(**kwargs: Any) -> AttnOnlyTransformer:
+    """``mi_spec.zoo.attn_only(**kwargs)``'s structure (its own defaults fill the rest)."""
+    from mi_spec.zoo import attn_only  # torch-free to import: torch is loaded inside it
+
+    bound = inspect.signature(attn_only).bind(**kwargs)
+    bound.apply_defaults()
+    sizes = {k: v for k, v in bound.arguments.items() if k != "seed"}
+    config = SimpleNamespace(**sizes)
     modules = ["", "embed", "pos_embed", "blocks"]
-    for layer in range(n_layers):
+    for layer in range(config.n_layers):
         block = f"blocks.{layer}"
         modules += [block, f"{block}.attn"]
         modules += [
@@ -62,7 +59,9 @@ def _induction_2l(pretrained: bool = True) -> AttnOnlyTransformer:
 
 
 def _handbuilt(d_vocab: int = 12, n_ctx: int = 16, **_: Any) -> AttnOnlyTransformer:
-    return _attn_only(2, 2, 4 * d_vocab + n_ctx, max(d_vocab, n_ctx), n_ctx, d_vocab)
+    d_model, d_head = 4 * d_vocab + n_ctx, max(d_vocab, n_ctx)
+    return _attn_only(n_layers=2, n_heads=2, d_model=d_model, d_head=d_head, n_ctx=n_ctx,
+                      d_vocab=d_vocab)  # fmt: skip
 
 
 def _equality(n_entities: int, d_embed: int, d_hidden: int, n_layers: int) -> EqualityMLP:

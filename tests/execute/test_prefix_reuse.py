@@ -5,10 +5,8 @@ writes at a residual point (GPT-2's block inputs) do not reach the cached output
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
+from conftest import write_rows
 from reference.models import TINY_MODELS
 
 from mi_spec.api import compile_file
@@ -17,10 +15,7 @@ from mi_spec.execute.worker import loaded_for
 
 
 def sweep(tmp_path, model: str):
-    rng = random.Random(2)
-    with open(tmp_path / "rows.jsonl", "w") as f:
-        for _ in range(8):
-            f.write(json.dumps({"tokens": [rng.randrange(40) for _ in range(10)]}) + "\n")
+    write_rows(tmp_path / "rows.jsonl", n=8, length=10, seed=2)
     extra = ', "L*.resid_mid"' if model == "gpt2" else ""  # written in place (shared)
     (tmp_path / "h.yaml").write_text(f"""
 name: prefix

@@ -4,12 +4,10 @@ activation inside the subspace only (read back downstream, at the same tensor)."
 
 from __future__ import annotations
 
-import json
-import random
-
 import numpy as np
 import pytest
 import torch
+from conftest import write_rows
 from reference.models import TINY_MODELS
 
 from mi_spec.api import compile_file
@@ -26,10 +24,7 @@ def study(tmp_path, model: str):
     basis = torch.linalg.qr(torch.randn(d, 5, generator=g, dtype=torch.float64))[0]
     np.save(tmp_path / "dirs.npy", basis.numpy())
     np.save(tmp_path / "full.npy", np.eye(d))
-    rng = random.Random(0)
-    with open(tmp_path / "rows.jsonl", "w") as f:
-        for _ in range(6):
-            f.write(json.dumps({"tokens": [rng.randrange(1, 40) for _ in range(12)]}) + "\n")
+    write_rows(tmp_path / "rows.jsonl", n=6, length=12)
     (tmp_path / "h.yaml").write_text(f"""
 name: invariants
 model:

@@ -91,7 +91,6 @@ def test_residual_cut_and_subspace_nodes_equal_recursive_reference(tmp_path, mod
         for variant, got in zip(job.params["variants"], result.variants, strict=True):
             hyp = hyp_of(study, variant)
             hyp.projectors = projectors
-            hyp.nodes = [(s, role, v) for s, role, v in hyp.nodes]
             ref = Reference(study.model.module, plan.sites, state.data, job.params, hyp)
             logits = torch.stack([ref.root_logits(k) for k in variant["roots"]])
             want = metric_by_hand("loss", logits, positions, targets)
