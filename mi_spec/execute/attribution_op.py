@@ -41,9 +41,9 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, assign
-from mi_spec.execute.metrics import make_targets, picked_logits, score, source_targets
+from mi_spec.execute.metrics import make_targets, picked_logits, score
 from mi_spec.execute.ops import op_for, register_op
-from mi_spec.execute.run_job import Batch, job_source, make_batch, run_job, source_values
+from mi_spec.execute.run_job import Batch, make_batch, run_job, source_values
 from mi_spec.plan.ir import Intervention, Job, JobResult, Plan, Variant
 from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import MetricSection
@@ -156,7 +156,7 @@ def _estimate(
     base = make_batch(data, rows, engine.device)
     targets = make_targets(MetricSection.model_validate(plan.metric), data, rows, table)
     keys = sorted({(it.site, it.pos) for it in items}, key=str)
-    values, source_logits = source_values(job, plan, table, engine, data, base, keys)
+    values, source_run = source_values(job, plan, table, engine, data, base, keys)
     roles = {pos: base.role(table, pos) for pos in {it.pos for it in items}}
     edge = p["level"] == "edge"
     names = {it.site for it in items}
@@ -168,10 +168,8 @@ def _estimate(
     clean = score(kind, logits, targets)
     clean_logp = torch.log_softmax(picked_logits(logits, targets), -1).detach()
     source = None
-    if source_logits is not None:  # scored where the metric's role is in the source
-        metric = MetricSection.model_validate(plan.metric)
-        at = source_targets(metric, data, rows, table, *job_source(job, table, data))
-        source = score(kind, source_logits, at, clean_logp)
+    if source_run is not None:  # scored where the metric's role is in the source
+        source = source_run.score(kind, clean_logp)
     if not edge:
         return (
             _node_estimates(items, acts, sites, clean, values, roles),

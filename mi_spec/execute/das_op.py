@@ -223,9 +223,8 @@ def _capture(job: Job, plan: Plan, engine: Engine, data: Dataset, site, role, ke
         at = torch.tensor(resolve_role(metric.at, table, data, chunk))
         if at.shape[1] != 1:
             raise ExecutionError(f"das: metric position {metric.at!r} must be one position per row")
-        logits, got = engine.run(
-            ids, mask, [Read("v", site, pos)] + [Read("f", whole, None)] * bool(keep)
-        )
+        reads = [Read("v", site, pos)] + [Read("f", whole, None)] * bool(keep)
+        logits, got = engine.run(ids, mask, reads, logits=at)
         if keep and got["f"][0].numel() * got["f"].element_size() * len(keep) > CACHE_BYTES:
             keep = set()  # too large to cache: train with whole forward passes
         picked = [j for j, r in enumerate(chunk) if r in keep]
@@ -236,7 +235,7 @@ def _capture(job: Job, plan: Plan, engine: Engine, data: Dataset, site, role, ke
             torch.arange(ids.shape[1]).expand(len(chunk), -1) if pos is None else pos
         )
         parts["at"].append(at[:, 0])
-        parts["clean"].append(logits[torch.arange(len(chunk)), at[:, 0]].argmax(-1).cpu())
+        parts["clean"].append(logits[:, 0].argmax(-1).cpu())
     full = torch.cat(fulls) if (fulls := parts.pop("full")) and keep else None
     return Captured(**{k: torch.cat(v) for k, v in parts.items()}, full=full, full_of=full_of)
 
@@ -259,10 +258,20 @@ class Runner:
         self.engine, self.site, self.data = engine, site, data
         self.prefix: list[tuple[str, Any]] = []  # skipped modules and their placeholders
 
-    def forward(self, rows: list[int], pos, values, base_full: torch.Tensor | None = None):
-        """Logits; with ``base_full`` (skip mode) nothing at or below the site runs."""
+    def forward(
+        self,
+        rows: list[int],
+        pos,
+        values,
+        base_full: torch.Tensor | None = None,
+        scored: torch.Tensor | None = None,
+    ):
+        """Logits [B, T, V], or with ``scored`` [B] only at each row's position there [B, V] (the
+        unembedding runs there alone); with ``base_full`` (skip mode) nothing at or below the
+        site runs."""
         e, s = self.engine, self.site
         ids, mask = (torch.tensor(x, device=e.device) for x in self.data.padded(rows))
+        feed = scored is not None and e.unembed is not None and e.unembed != s.module
         with e.nn.trace(ids, **({"attention_mask": mask} if e.pass_mask else {})):
             for path, ph in self.prefix if base_full is not None else ():
                 e.envoy(path).skip(ph)
@@ -279,8 +288,15 @@ class Runner:
             else:
                 live = env.input if s.io == "input" else env.output
                 replace(env, s.io, live, new, s.in_place)
+            if feed:
+                e.feed_unembed(len(rows), scored[:, None])
             out = e.nn.output.save()
-        return out.logits if hasattr(out, "logits") else out
+        logits = out.logits if hasattr(out, "logits") else out
+        if scored is None:
+            return logits
+        if feed:
+            return logits[:, 0]
+        return logits[torch.arange(len(rows)), scored.to(logits.device)]
 
     @torch.no_grad()
     def try_skip(self, rows: list[int], pos, values, base_full: torch.Tensor) -> bool:
@@ -322,10 +338,8 @@ class Trainer:
         cap, b = self.cap, split.base[idx]
         hs = [cap.values[split.src[v, idx]] for v in range(self.inter.n_vars)]
         values = self.inter.apply(r, m, cap.values[b], hs, split.on[:, idx])
-        logits = self.runner.forward(
-            [split.rows[i] for i in idx.tolist()], cap.pos[b], values, full
-        )
-        return logits[torch.arange(len(idx)), cap.at[b].to(logits.device)].float()
+        rows = [split.rows[i] for i in idx.tolist()]
+        return self.runner.forward(rows, cap.pos[b], values, full, cap.at[b]).float()
 
     @torch.no_grad()
     def correct(self, split: Split, r: torch.Tensor | None = None) -> torch.Tensor:

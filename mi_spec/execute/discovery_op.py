@@ -41,7 +41,7 @@ from mi_spec.errors import ExecutionError
 from mi_spec.execute.attribution_op import check_identity
 from mi_spec.execute.discovery_wiring import Graph, Key, Wiring, first_tensor, hooked, probe_readers
 from mi_spec.execute.engine import Engine
-from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score
+from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score, scored_at
 from mi_spec.execute.ops import register_op
 from mi_spec.execute.run_job import Batch, make_batch
 from mi_spec.plan.ir import Job, JobResult, Plan
@@ -169,17 +169,15 @@ class Discovery:
             src_writes = {
                 u: v.double().mean(0, keepdim=True).to(v.dtype) for u, v in src_writes.items()
             }
-        logits = _chunked_logits(engine, base, plan.max_batch_rows)
-        picked = picked_logits(logits, targets)
-        clean_logp = torch.log_softmax(picked, -1)
-        clean = score(metric.kind, logits, targets, clean_logp)
+        logits = _chunked_logits(engine, base, targets, plan.max_batch_rows)
+        clean_logp = torch.log_softmax(picked_logits(logits, targets, picked=True), -1)
+        clean = score(metric.kind, logits, targets, clean_logp, picked=True)
         source = None
         if job.source == "rows":
             src_ids = make_batch(data, list(job.source_rows), engine.device).ids
-            source = score(
-                metric.kind, _chunked_logits(engine, Batch(src_ids, base.mask, data, rows),
-                                             plan.max_batch_rows), targets, clean_logp
-            )  # fmt: skip
+            src = Batch(src_ids, base.mask, data, rows)
+            got = _chunked_logits(engine, src, targets, plan.max_batch_rows)
+            source = score(metric.kind, got, targets, clean_logp, picked=True)
         src_embed = src_acts["embed"]  # the input end of EAP-IG's path: the source, or the mean
         if job.source == "mean":
             src_embed = src_embed.double().mean(0, keepdim=True).to(src_embed.dtype)
@@ -469,11 +467,13 @@ def _no_grad_acts(
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def _chunked_logits(engine: Engine, base: Batch, size: int) -> torch.Tensor:
+def _chunked_logits(engine: Engine, base: Batch, targets: Targets, size: int) -> torch.Tensor:
+    """The logits of ``base``'s rows at their scored positions, [B, P, V]."""
     parts = []
-    with torch.no_grad():
-        for a in range(0, base.ids.shape[0], size):
-            parts.append(_logits(engine.model, base.ids[a : a + size]))
+    for a in range(0, base.ids.shape[0], size):
+        ids = base.ids[a : a + size]
+        at = scored_at(_rows_of(targets, torch.arange(a, a + len(ids))))
+        parts.append(engine.run(ids, torch.ones_like(ids), logits=at)[0])
     return torch.cat(parts)
 
 

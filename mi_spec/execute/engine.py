@@ -82,7 +82,13 @@ def probe_order(
 class Engine:
     """A model wrapped with nnsight, plus its forward order."""
 
-    def __init__(self, model: torch.nn.Module, sample: torch.Tensor, padding_side: str = "right"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sample: torch.Tensor,
+        padding_side: str = "right",
+        unembed: str | None = None,
+    ):
         self.model = model
         self.nn = NNsight(model)
         self.order, self.calls = probe_order(model, sample)
@@ -91,6 +97,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.padding_side = padding_side
         self.resumable: dict[str, bool] = {}  # module -> a pass may resume there (run_job)
+        # the unembedding (the adapter's ``logits`` module): ``run(logits=pos)`` feeds it only the
+        # scored positions; None (or a module that does not run once) computes all, then picks
+        self.unembed = unembed if unembed and self.calls.get(unembed) == 1 else None
 
     def _inputs(
         self, ids: torch.Tensor, mask: torch.Tensor
@@ -136,17 +145,40 @@ class Engine:
         return sorted(top, key=lambda m: self.order[(m, "input")])
 
     def outputs(
-        self, ids: torch.Tensor, mask: torch.Tensor, modules: Sequence[str]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        modules: Sequence[str],
+        logits: bool | torch.Tensor = True,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One plain forward (right-padded rows); the logits and each module's whole output, as
-        the module returned it (a tensor or a tuple): what ``run(skips=...)`` resumes from."""
+        """One plain forward (right-padded rows); the logits (``logits`` as in ``run``, not
+        False) and each module's whole output, as the module returned it (a tensor or a tuple):
+        what ``run(skips=...)`` resumes from."""
         got: dict[str, Any] = {}
         ids, kwargs, _ = self._inputs(ids, mask)
+        at = logits if isinstance(logits, torch.Tensor) else None
+        ordered = sorted(modules, key=lambda m: self.order[(m, "output")])
+        feed = at is not None and self.unembed is not None
+        if (
+            feed
+            and ordered
+            and self.order[(ordered[-1], "output")] > self.order[(self.unembed, "input")]
+        ):
+            feed = False  # a module read after the unembedding starts: it runs on every position
         with torch.no_grad(), self.nn.trace(ids, **kwargs):
-            for m in sorted(modules, key=lambda m: self.order[(m, "output")]):
+            for m in ordered:
                 got[m] = self.envoy(m).output
+            if feed:
+                self.feed_unembed(ids.shape[0], at)
             got["__logits__"] = self.nn.output
-        return _logits_of(got.pop("__logits__")), got
+        result = _logits_of(got.pop("__logits__"))
+        return (result if feed or at is None else _pick(result, at)), got
+
+    def feed_unembed(self, rows: int, at: torch.Tensor) -> None:
+        """Inside a trace: give the unembedding the rows' positions ``at`` [B, P] only."""
+        env = self.envoy(self.unembed or "")
+        index = torch.arange(rows, device=at.device)[:, None]
+        env.input = env.input[index, at.to(env.input.device)]
 
     def run(
         self,
@@ -155,12 +187,18 @@ class Engine:
         reads: Sequence[Read] = (),
         writes: Sequence[Write] = (),
         skips: Sequence[tuple[str, Any]] = (),
-    ) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
+        logits: bool | torch.Tensor = True,
+    ) -> tuple[Any, dict[Any, torch.Tensor]]:
         """One forward; returns the logits and the values read (``key`` -> tensor).
 
         ``skips``: (module, output) pairs of modules that do not run; each returns the given
         output instead (clean-prefix reuse: a pass resumes from cached outputs of the modules
-        before its first write). Right-padded batches only."""
+        before its first write). Right-padded batches only.
+
+        ``logits``: True, all of them ``[B, T, V]``; a ``[B, P]`` tensor of positions, only
+        those, ``[B, P, V]`` (the unembedding runs on those positions alone, and the model's own
+        post-processing, e.g. soft-capping, still applies); False, none: the pass stops after
+        its last site and returns None for them."""
         by_site: dict[tuple[str, str], tuple[list[Read], list[Write]]] = defaultdict(
             lambda: ([], [])
         )
@@ -185,13 +223,25 @@ class Engine:
             for w in writes:
                 by_site[(w.site.module, w.site.io)][1].append(w)
             ordered = sorted(by_site.items(), key=lambda kv: self.order[kv[0]])
+        picked = isinstance(logits, torch.Tensor)
+        at = None
+        if picked:
+            at = logits.to(ids.device) + (0 if layout is None else layout.shift[:, None])
+        unembed = (self.unembed, "input") if picked and self.unembed else None
+        if unembed and any(module == self.unembed for module, _ in by_site):
+            unembed = None  # a site on the unembedding: it runs on every position
         try:
-            with torch.no_grad(), self.nn.trace(ids, **kwargs):
+            with torch.no_grad(), self.nn.trace(ids, **kwargs) as tracer:
                 events = [(self.order[(m, "input")], m, v) for m, v in skipped]
                 events += [(self.order[key], key, pair) for key, pair in ordered]
+                if unembed:
+                    events.append((self.order[unembed], unembed, None))
                 for _, where, what in sorted(events, key=lambda e: e[0]):
                     if isinstance(where, str):  # a module that does not run
                         self.envoy(where).skip(what)
+                        continue
+                    if what is None:  # the unembedding, fed the scored positions only
+                        self.feed_unembed(ids.shape[0], at)
                         continue
                     (module, io), (site_reads, site_writes) = where, what
                     env = self.envoy(module)
@@ -203,18 +253,23 @@ class Engine:
                         for w in site_writes:
                             _scatter(new, w)
                         replace(env, io, act, new, site_writes[0].site.in_place)
+                if logits is False:
+                    tracer.stop()
                 out["__logits__"] = self.nn.output
         except (ResolveError, ExecutionError):
             raise
         except Exception as e:
             names = ", ".join(sorted({_binding_of(v).name for v in by_site.values()}))
             raise _failed("forward pass with sites", names, e) from e
-        logits = _logits_of(out.pop("__logits__"))
+        result = None if logits is False else _logits_of(out.pop("__logits__"))
+        if picked and not unembed:  # computed everywhere: pick the positions
+            result = _pick(result, at)
+        elif layout is not None and result is not None and not picked:
+            result = layout.to_right(result)
         if layout is not None:
-            logits = layout.to_right(logits)
             whole = {r.key for r in reads if r.pos is None}
             out = {k: layout.to_right(v) if k in whole else v for k, v in out.items()}
-        return logits, out
+        return result, out
 
     def run_with_grad(
         self, ids: torch.Tensor, mask: torch.Tensor, sites: Sequence[SiteBinding]
@@ -269,6 +324,12 @@ class Engine:
 
 def _failed(what: str, names: str, error: Exception) -> ExecutionError:
     return ExecutionError(f"{what} [{names}] failed: {type(error).__name__}: {error}")
+
+
+def _pick(logits: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, T, ...] at per-row positions ``at`` [B, P]: [B, P, ...]."""
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    return logits[rows, at.to(logits.device)]
 
 
 def _logits_of(result: Any) -> torch.Tensor:

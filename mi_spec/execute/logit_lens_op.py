@@ -22,7 +22,7 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, Read, Write
-from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score
+from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score, scored_at
 from mi_spec.execute.ops import register_op
 from mi_spec.execute.run_job import Batch, make_batch
 from mi_spec.plan.ir import Job, JobResult, Plan
@@ -42,14 +42,19 @@ class Patch:
 
 
 def clean_pass(
-    engine: Engine, base: Batch, reads: Callable[[torch.Tensor], list[Read]], max_rows: int
+    engine: Engine,
+    base: Batch,
+    reads: Callable[[torch.Tensor], list[Read]],
+    max_rows: int,
+    targets: Targets,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The unpatched base rows in passes of ``max_rows``: per-row logits at every position are not
-    kept; returns (logits of all rows, the values read), rows in base order."""
+    """The unpatched base rows in passes of ``max_rows``; returns (the logits of all rows at
+    their scored positions, [B, P, V], the values read), rows in base order."""
     logits, values = [], {}
     for start in range(0, len(base.rows), max_rows):
         idx = torch.arange(start, min(start + max_rows, len(base.rows)))
-        out, got = engine.run(base.ids[idx], base.mask[idx], reads=reads(idx))
+        at = scored_at(targets.rows(idx))
+        out, got = engine.run(base.ids[idx], base.mask[idx], reads=reads(idx), logits=at)
         logits.append(out)
         for k, v in got.items():
             values.setdefault(k, []).append(v)
@@ -57,11 +62,16 @@ def clean_pass(
 
 
 def packed(
-    engine: Engine, base: Batch, blocks: Sequence[Sequence[Patch]], max_rows: int, read: RowFn
+    engine: Engine,
+    base: Batch,
+    blocks: Sequence[Sequence[Patch]],
+    max_rows: int,
+    read: RowFn,
+    targets: Targets,
 ) -> torch.Tensor:
     """Run a copy of the base rows per block, copy k patched by ``blocks[k]``, packing at most
-    ``max_rows`` rows per pass (a block may span passes); ``read`` turns a pass's logits into
-    per-row values. Returns ``[len(blocks), B, ...]``."""
+    ``max_rows`` rows per pass (a block may span passes); ``read`` turns a pass's logits at the
+    scored positions ([n, P, V]) into per-row values. Returns ``[len(blocks), B, ...]``."""
     b = len(base.rows)
     items = [(k, i) for k in range(len(blocks)) for i in range(b)]
     outs = []
@@ -76,7 +86,8 @@ def packed(
                 pos = None if p.pos is None else p.pos[rows]
                 writes.append(Write(p.site, rows_slice, pos, p.value[rows.to(p.value.device)]))
             offset += len(rows)
-        logits, _ = engine.run(base.ids[idx], base.mask[idx], writes=writes)
+        at = scored_at(targets.rows(idx))
+        logits, _ = engine.run(base.ids[idx], base.mask[idx], writes=writes, logits=at)
         outs.append(read(logits, idx))
     out = torch.cat(outs)
     return out.view(len(blocks), b, *out.shape[1:])
@@ -84,8 +95,8 @@ def packed(
 
 def target_rank(logits: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per row: the mean over scored positions of the target's rank (1 = the top token; ties
-    count in the target's favour)."""
-    picked = picked_logits(logits, t)
+    count in the target's favour); ``logits`` at the scored positions, [n, P, V]."""
+    picked = picked_logits(logits, t, picked=True)
     reps = picked.shape[0] // t.pos.shape[0]
     own = picked.gather(-1, t.target.to(picked.device).repeat(reps, 1)[..., None])
     ranks = ((picked > own).sum(-1) + 1).double()
@@ -118,8 +129,8 @@ def run_logit_lens(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobRe
     def reads(idx: torch.Tensor) -> list[Read]:
         return [Read(s.name, s, pos[idx]) for s in points]
 
-    clean_logits, got = clean_pass(engine, base, reads, m)
-    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets), -1)
+    clean_logits, got = clean_pass(engine, base, reads, m, targets)
+    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets, picked=True), -1)
     for s in points:
         if got[s.name].shape[-1] != got[final.name].shape[-1]:
             raise ExecutionError(
@@ -131,12 +142,13 @@ def run_logit_lens(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobRe
 
     def read(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         t = targets.rows(idx)
-        value = score(metric.kind, logits, t, clean_logp[idx.to(clean_logp.device)]).double()
+        logp = clean_logp[idx.to(clean_logp.device)]
+        value = score(metric.kind, logits, t, logp, picked=True).double()
         rank = torch.zeros_like(value) if metric.numeric else target_rank(logits, t).to(value)
         return torch.stack([value, rank], -1)
 
-    lens = packed(engine, base, blocks, m, read).cpu()  # [L + 1, B, 2]
-    clean = score(metric.kind, clean_logits, targets, clean_logp)
+    lens = packed(engine, base, blocks, m, read, targets).cpu()  # [L + 1, B, 2]
+    clean = score(metric.kind, clean_logits, targets, clean_logp, picked=True)
     extra = {"rank": [] if metric.numeric else lens[..., 1].tolist()}
     if not metric.numeric:
         extra["clean_rank"] = target_rank(clean_logits, targets).tolist()

@@ -112,26 +112,38 @@ def _column_tokens(data: Dataset, column: str | None, row: int, pos: list[int]) 
     return values
 
 
-def picked_logits(logits: torch.Tensor, t: Targets) -> torch.Tensor:
-    """Logits at the scored positions: [G*B, T, V] -> [G*B, P, V] (targets repeat per block)."""
-    reps = logits.shape[0] // t.pos.shape[0]
-    pos = t.pos.to(logits.device).repeat(reps, 1)
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    picked = logits[rows, pos]
-    return picked if picked.dtype == torch.float64 else picked.float()  # float64 stays exact
+def picked_logits(logits: torch.Tensor, t: Targets, picked: bool = False) -> torch.Tensor:
+    """Logits at the scored positions: [G*B, T, V] -> [G*B, P, V] (targets repeat per block);
+    ``picked``: ``logits`` are already those positions' (``Engine.run(logits=scored_at(t))``)."""
+    if not picked:
+        reps = logits.shape[0] // t.pos.shape[0]
+        pos = t.pos.to(logits.device).repeat(reps, 1)
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        logits = logits[rows, pos]
+    return logits if logits.dtype == torch.float64 else logits.float()  # float64 stays exact
+
+
+def scored_at(t: Targets, copies: int = 1) -> torch.Tensor:
+    """The positions ``Engine.run(logits=...)`` computes for ``copies`` stacked blocks of rows."""
+    return t.pos.repeat(copies, 1)
 
 
 def score(
-    kind: str, logits: torch.Tensor, t: Targets, clean_logp: torch.Tensor | None = None
+    kind: str,
+    logits: torch.Tensor,
+    t: Targets,
+    clean_logp: torch.Tensor | None = None,
+    picked: bool = False,
 ) -> torch.Tensor:
-    """Per-row metric for stacked blocks of the base rows: [G*B] values."""
-    picked = picked_logits(logits, t)
-    reps = picked.shape[0] // t.pos.shape[0]
-    target = t.target.to(picked.device).repeat(reps, 1)[..., None]
+    """Per-row metric for stacked blocks of the base rows: [G*B] values (``picked``: the logits
+    are those of the scored positions only, [G*B, P, V])."""
+    logits = picked_logits(logits, t, picked)
+    reps = logits.shape[0] // t.pos.shape[0]
+    target = t.target.to(logits.device).repeat(reps, 1)[..., None]
     if kind in NUMERIC_METRICS:
-        per_pos = _numeric(kind, picked, target[..., 0])
+        per_pos = _numeric(kind, logits, target[..., 0])
     else:
-        per_pos = _per_position(kind, picked, target, t, reps, clean_logp)
+        per_pos = _per_position(kind, logits, target, t, reps, clean_logp)
     if t.valid is None:
         return per_pos.mean(-1)
     valid = t.valid.to(per_pos.device).repeat(reps, 1).to(per_pos.dtype)

@@ -47,9 +47,9 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, Read, Write
-from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score, source_targets
+from mi_spec.execute.metrics import Targets, make_targets, picked_logits, score, scored_at
 from mi_spec.execute.ops import register_op
-from mi_spec.execute.run_job import Batch, job_source, make_batch, source_values
+from mi_spec.execute.run_job import Batch, make_batch, source_values
 from mi_spec.plan.ir import Job, JobResult, Plan
 from mi_spec.plan.path_pairs import Pairs, Role, source_stage_rows
 from mi_spec.sites.adapter import SiteBinding
@@ -244,12 +244,18 @@ class _PathRun:
             for key, (site, rp) in self.reads.items()
         ]
         dev = self.base.ids.device
+        only = any(self.pairs.logits_only)
+        at = _rows_of(self.targets, idx)
         logits, got = self.engine.run(
-            self.base.ids[idx.to(dev)], self.base.mask[idx.to(dev)], reads=reads, writes=writes
+            self.base.ids[idx.to(dev)],
+            self.base.mask[idx.to(dev)],
+            reads=reads,
+            writes=writes,
+            logits=scored_at(at) if only else False,
         )
         self.passes += 1
-        if any(self.pairs.logits_only):
-            got[_PICKED] = picked_logits(logits, _rows_of(self.targets, idx))
+        if only:
+            got[_PICKED] = picked_logits(logits, at, picked=True)
         for g, a, z, off in segs:
             parts = self.partial.setdefault(g, defaultdict(list))
             for key, v in got.items():
@@ -294,11 +300,15 @@ class _PathRun:
                 value = values[key][a:z, :, cols]
                 writes.append(Write(self.plan.sites[s], slice(off, off + z - a), at, value))
         dev = self.base.ids.device
+        at = _rows_of(self.targets, idx)
         logits, _ = self.engine.run(
-            self.base.ids[idx.to(dev)], self.base.mask[idx.to(dev)], writes=writes
+            self.base.ids[idx.to(dev)],
+            self.base.mask[idx.to(dev)],
+            writes=writes,
+            logits=scored_at(at),
         )
         self.passes += 1
-        vals = score(self.kind, logits, _rows_of(self.targets, idx), self.clean_logp[idx])
+        vals = score(self.kind, logits, at, self.clean_logp[idx], picked=True)
         for j, a, z, off in segs:
             self.out[order3[j]].append(vals[off : off + z - a])
 
@@ -320,10 +330,11 @@ def _clean_pass(
     clean, picked, frozen = [], [], defaultdict(list)
     for a, z in chunks:
         sub = _sub_batch(base, a, z)
-        logits, got = engine.run(sub.ids, sub.mask, reads=[Read(f.name, f, None) for f in freeze])
         at = _rows_of(targets, torch.arange(a, z))
-        picked.append(picked_logits(logits, at))
-        clean.append(score(kind, logits, at, torch.log_softmax(picked[-1], -1)))
+        reads = [Read(f.name, f, None) for f in freeze]
+        logits, got = engine.run(sub.ids, sub.mask, reads=reads, logits=scored_at(at))
+        picked.append(picked_logits(logits, at, picked=True))
+        clean.append(score(kind, logits, at, torch.log_softmax(picked[-1], -1), picked=True))
         for k, v in got.items():
             frozen[k].append(v)
     return torch.cat(clean), torch.cat(picked), {k: torch.cat(v) for k, v in frozen.items()}
@@ -352,21 +363,13 @@ def _source_pass(
         if job.source == "rows":
             update["source_rows"] = job.source_rows[a:z]
         sub = _sub_batch(base, a, z)
-        got, logits = source_values(
+        got, run = source_values(
             job.model_copy(update=update), plan, table, engine, data, sub, keys
         )
         for k, v in got.items():
             parts[k].append(v)
-        if logits is not None:  # the source run, scored where the metric's role is in it
-            sub_job = job.model_copy(update=update)
-            at = source_targets(
-                metric,
-                data,
-                list(sub_job.rows),
-                table,
-                *job_source(sub_job, table, data),
-            )
-            scores.append(score(metric.kind, logits, at, clean_logp[a:z]))
+        if run is not None:  # the source run, scored where the metric's role is in it
+            scores.append(run.score(metric.kind, clean_logp[a:z]))
     try:
         values = {k: torch.cat(v) for k, v in parts.items()}
     except RuntimeError:

@@ -9,7 +9,8 @@ left padding, passes run whole.
 
 Cost per job: 1 source pass + 1 clean pass + ceil(V / G) patched passes (each from its resume
 point), where G = max_batch_rows // B copies of the B base rows fit in one pass. A variant
-patching K sites still costs one patched pass.
+patching K sites still costs one patched pass. Every pass unembeds only the positions its
+metric scores (``Engine.run(logits=...)``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from mi_spec.data.dataset import Dataset
 from mi_spec.data.positions import aligned, resolve_role, source_data
 from mi_spec.errors import ExecutionError, MiSpecError
 from mi_spec.execute.engine import Engine, Read, Write
-from mi_spec.execute.metrics import make_targets, picked_logits, score, source_targets
+from mi_spec.execute.metrics import (
+    Targets,
+    make_targets,
+    picked_logits,
+    score,
+    scored_at,
+    source_targets,
+)
 from mi_spec.execute.ops import register_op
 from mi_spec.plan.ir import Job, JobResult, Plan, Variant
 from mi_spec.spec.sections import MetricSection, PositionSpec
@@ -61,28 +69,28 @@ def run_job(job: Job, plan: Plan, engine: Engine, data: Dataset) -> JobResult:
     keys = sorted(
         {(i.site, i.pos) for v in job.variants for i in v.interventions}, key=lambda k: str(k)
     )
-    values, source_logits = source_values(job, plan, table, engine, data, base, keys)
+    values, source_run = source_values(job, plan, table, engine, data, base, keys)
     order = sorted(
         range(len(job.variants)), key=lambda i: _first_write(job.variants[i], plan, engine)
     )
     per_pass = max(1, plan.max_batch_rows // len(rows))
     groups = [order[i : i + per_pass] for i in range(0, len(order), per_pass)]
     resume = {g[0]: _resume_module(job.variants[g[0]], plan, engine) for g in groups}
-    clean_logits, cached = _clean_pass(engine, base, {m for m in resume.values() if m})
-    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets), -1)
+    at = scored_at(targets)
+    clean_logits, cached = _clean_pass(engine, base, {m for m in resume.values() if m}, at)
+    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets, picked=True), -1)
     scored: dict[int, torch.Tensor] = {}
     for g in groups:
-        skips = _skips(engine, resume[g[0]], cached, base, clean_logits, len(g))
+        skips = _skips(engine, resume[g[0]], cached, base, clean_logits, len(g), at)
         group = [job.variants[i] for i in g]
-        logits = _patched_pass(group, plan, table, engine, base, values, skips)
-        per_row = score(metric.kind, logits, targets, clean_logp).view(len(g), -1)
+        logits = _patched_pass(group, plan, table, engine, base, values, skips, targets)
+        per_row = score(metric.kind, logits, targets, clean_logp, picked=True).view(len(g), -1)
         scored |= dict(zip(g, per_row, strict=True))
-    clean = score(metric.kind, clean_logits, targets, clean_logp)
+    clean = score(metric.kind, clean_logits, targets, clean_logp, picked=True)
     per_variant = [clean] + [scored[i] for i in range(len(job.variants))]
     source = None
-    if source_logits is not None:
-        at = source_targets(metric, data, rows, table, *job_source(job, table, data))
-        source = score(metric.kind, source_logits, at, clean_logp).tolist()
+    if source_run is not None:
+        source = source_run.score(metric.kind, clean_logp).tolist()
     return JobResult(
         job_id=job.id,
         clean=tuple(per_variant[0].tolist()),
@@ -100,8 +108,9 @@ def source_values(
     data: Dataset,
     base: Batch,
     keys: list[Key],
-) -> tuple[dict[Key, torch.Tensor], torch.Tensor | None]:
-    """The value each (site, role) takes in the source: [B, P, w] (or [1, P, w] for means)."""
+) -> tuple[dict[Key, torch.Tensor], SourceRun | None]:
+    """The value each (site, role) takes in the source: [B, P, w] (or [1, P, w] for means), and
+    the source run's logits where its metric is scored (None without source rows)."""
     if job.source == "zero":
         return {}, None
     if job.source == "mean":
@@ -113,8 +122,21 @@ def source_values(
     except MiSpecError as e:
         raise ExecutionError(f"job {job.id}: {e}") from None
     reads = [Read(k, plan.sites[k[0]], src.role(table, k[1])) for k in keys]
-    logits, got = engine.run(src.ids, src.mask, reads=reads)
-    return got, logits
+    metric = MetricSection.model_validate(plan.metric)
+    at = source_targets(metric, data, list(job.rows), table, src.data, src.rows)
+    logits, got = engine.run(src.ids, src.mask, reads=reads, logits=scored_at(at))
+    return got, SourceRun(logits, at)
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    """The source pass's logits at the positions its metric is scored (``source_targets``)."""
+
+    logits: torch.Tensor  # [B, P, V]
+    targets: Targets
+
+    def score(self, kind: str, clean_logp: torch.Tensor | None) -> torch.Tensor:
+        return score(kind, self.logits, self.targets, clean_logp, picked=True)
 
 
 def job_source(
@@ -163,14 +185,15 @@ def _resume_module(variant: Variant, plan: Plan, engine: Engine) -> str | None:
 
 
 def _clean_pass(
-    engine: Engine, base: Batch, resume: set[str]
+    engine: Engine, base: Batch, resume: set[str], at: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """The clean logits, and the outputs of every module a pass resuming at ``resume`` skips."""
+    """The clean logits at the scored positions ``at``, and the outputs of every module a pass
+    resuming at ``resume`` skips."""
     modules = sorted({m for r in resume for m in engine.prefix_modules(r)})
     if not modules:
-        logits, _ = engine.run(base.ids, base.mask)
+        logits, _ = engine.run(base.ids, base.mask, logits=at)
         return logits, {}
-    return engine.outputs(base.ids, base.mask, modules)
+    return engine.outputs(base.ids, base.mask, modules, logits=at)
 
 
 def _skips(
@@ -180,6 +203,7 @@ def _skips(
     base: Batch,
     clean_logits: torch.Tensor,
     copies: int,
+    at: torch.Tensor,
 ) -> list[tuple[str, object]]:
     """(module, cached output repeated for ``copies`` blocks of rows) for a pass resuming at
     ``module``; empty where resuming there was not checked to give the clean logits."""
@@ -190,7 +214,8 @@ def _skips(
         return []
     if module not in engine.resumable:  # once per process and model: resuming changes nothing
         try:
-            got, _ = engine.run(base.ids, base.mask, skips=[(m, cached[m]) for m in prefix])
+            skips = [(m, cached[m]) for m in prefix]
+            got, _ = engine.run(base.ids, base.mask, skips=skips, logits=at)
             scale = max(1.0, float(clean_logits.abs().max()))
             ok = bool(((got - clean_logits).abs().max() <= 1e-5 * scale).item())
         except MiSpecError:
@@ -221,8 +246,10 @@ def _patched_pass(
     base: Batch,
     values: dict[Key, torch.Tensor],
     skips: list[tuple[str, object]],
+    targets: Targets,
 ) -> torch.Tensor:
-    """Stack ``len(group)`` copies of the base rows; block g gets variant g's interventions."""
+    """Stack ``len(group)`` copies of the base rows; block g gets variant g's interventions.
+    Returns the logits at the scored positions, [len(group) * B, P, V]."""
     b = base.ids.shape[0]
     ids = base.ids.repeat(len(group), 1)
     mask = base.mask.repeat(len(group), 1)
@@ -235,5 +262,7 @@ def _patched_pass(
                 value = torch.zeros(())
             rows = slice(g * b, (g + 1) * b)
             writes.append(Write(site, rows, base.role(table, iv.pos), value))
-    logits, _ = engine.run(ids, mask, writes=writes, skips=skips)
+    logits, _ = engine.run(
+        ids, mask, writes=writes, skips=skips, logits=scored_at(targets, len(group))
+    )
     return logits

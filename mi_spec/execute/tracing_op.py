@@ -70,8 +70,8 @@ def run_causal_tracing(job: Job, plan: Plan, engine: Engine, data: Dataset) -> J
         out = [Read("embed", embed, corrupt_at[idx])]
         return out + [Read(s, plan.sites[s], None) for s in restored]
 
-    clean_logits, got = clean_pass(engine, base, reads, plan.max_batch_rows)
-    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets), -1)
+    clean_logits, got = clean_pass(engine, base, reads, plan.max_batch_rows, targets)
+    clean_logp = torch.log_softmax(picked_logits(clean_logits, targets, picked=True), -1)
     width = got["embed"].shape[-1]
     noise = torch.stack([trace_noise(int(p["seed"]), r, corrupt_at.shape[1], width) for r in rows])
     noisy = got["embed"] + (sigma * noise).to(got["embed"])
@@ -84,10 +84,10 @@ def run_causal_tracing(job: Job, plan: Plan, engine: Engine, data: Dataset) -> J
 
     def read(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logp = clean_logp[idx.to(clean_logp.device)]
-        return score(metric.kind, logits, targets.rows(idx), logp).double()
+        return score(metric.kind, logits, targets.rows(idx), logp, picked=True).double()
 
-    runs = packed(engine, base, blocks, plan.max_batch_rows, read).cpu()  # [1 + C, B]
-    clean = score(metric.kind, clean_logits, targets, clean_logp)
+    runs = packed(engine, base, blocks, plan.max_batch_rows, read, targets).cpu()  # [1 + C, B]
+    clean = score(metric.kind, clean_logits, targets, clean_logp, picked=True)
     return JobResult(
         job_id=job.id,
         clean=tuple(clean.tolist()),

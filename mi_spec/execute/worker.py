@@ -54,7 +54,10 @@ def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
         raise ExecutionError("dataset changed since the plan was compiled; compile it again")
     # the probe pass learns forward order and call counts: a few tokens tell it as well as many
     sample = torch.tensor([data.tokens[0][:PROBE_TOKENS]], device=model.device)
-    engine = Engine(model.module, sample, data.padding_side)
+    unembed = model.adapter.table.get("logits")
+    engine = Engine(
+        model.module, sample, data.padding_side, unembed=unembed.module if unembed else None
+    )
     _LOADED.clear()  # one model per process at a time keeps memory bounded
     _LOADED[key] = Loaded(model, engine, data)
     return _LOADED[key]
