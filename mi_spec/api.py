@@ -110,23 +110,9 @@ def check_plan_sites(study: Study, plan: Plan) -> None:
     """Run the site contract checks on every site the plan touches (a few rows)."""
     if not study.spec.model.check_sites:
         return
-    import torch
+    from mi_spec.execute.worker import check_sites_once, loaded_for
 
-    from mi_spec.execute.site_check import check_sites
-    from mi_spec.execute.worker import loaded_for
-
-    state = loaded_for(plan, model=study.model)
-    rows = list(range(min(4, len(state.data))))
-    ids, mask = state.data.padded(rows)
-    device = state.model.device
-    check_sites(
-        state.engine,
-        plan.sites.values(),
-        torch.tensor(ids, device=device),
-        torch.tensor(mask, device=device),
-        bind=study.bind,
-        n_layers=study.dims.n_layers,
-    )
+    check_sites_once(plan, loaded_for(plan, model=study.model), bind=study.bind)
 
 
 def run_plan(
@@ -183,8 +169,13 @@ def run(
             record.tags["mi_spec.only"] = ",".join(e.name for e in plan.experiments)
         with contextlib.ExitStack() as logged:
             with console.stage("checking sites") as stage:
-                check_plan_sites(study, plan)
-                stage.note = count(len(plan.sites), "site")
+                if session.kind != "synchronous" and not study.model.loaded:
+                    # the driver never loads these weights: each worker checks before its
+                    # first job on them (execute_job)
+                    stage.note = f"{count(len(plan.sites), 'site')}, on the workers"
+                else:
+                    check_plan_sites(study, plan)
+                    stage.note = count(len(plan.sites), "site")
             with console.stage("starting MLflow run"):
                 logged.enter_context(tracking(tracker, record))
             cache = ResultCache(cache_dir, plan) if cache_dir else None

@@ -3,7 +3,8 @@ model reference and reused by every job (jobs carry a reference, never a model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from mi_spec.execute.engine import Engine
 from mi_spec.execute.ops import op_for
 from mi_spec.models.load import LoadedModel, load_model
 from mi_spec.plan.ir import Job, JobResult, Plan
+from mi_spec.sites.adapter import SiteBinding
 from mi_spec.spec.sections import DataSection, ModelSection
 
 
@@ -22,6 +24,7 @@ class Loaded:
     model: LoadedModel
     engine: Engine
     data: Dataset
+    checked: set[frozenset[str]] = field(default_factory=set)  # site sets already checked
 
 
 _LOADED: dict[tuple[str, str], Loaded] = {}  # (model key, data hash) -> state
@@ -63,7 +66,37 @@ def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
     return _LOADED[key]
 
 
+def check_sites_once(
+    plan: Plan, state: Loaded, bind: Callable[[str], SiteBinding] | None = None
+) -> None:
+    """The site contract checks (``site_check.check_sites``) of every site of ``plan`` on this
+    process's model, once per process and set of sites; ``bind`` names the residual points of
+    the identity checks (default: the model's adapter). Raises ResolveError naming the site."""
+    if not plan.model.section.get("check_sites", True):
+        return
+    names = frozenset(plan.sites)
+    if names in state.checked:
+        return
+    from mi_spec.execute.site_check import check_sites
+    from mi_spec.sites.adapter import bind_site
+
+    model = state.model
+    rows = list(range(min(4, len(state.data))))
+    ids, mask = (torch.tensor(x, device=model.device) for x in state.data.padded(rows))
+    check_sites(
+        state.engine,
+        plan.sites.values(),
+        ids,
+        mask,
+        bind=bind or (lambda name: bind_site(model.adapter, model.module, name)),
+        n_layers=int(plan.dims.get("n_layers", 0)),
+    )
+    state.checked.add(names)
+
+
 def execute_job(plan: Plan, job: Job) -> JobResult:
-    """Run one job in this process (the function Dask workers call)."""
+    """Run one job in this process (the function Dask workers call); the plan's sites are
+    checked before this process's first job on them."""
     state = loaded_for(plan)
+    check_sites_once(plan, state)
     return op_for(job.op)(job, plan, state.engine, state.data)

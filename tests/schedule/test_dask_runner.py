@@ -407,3 +407,41 @@ def test_dashboard_link_only_when_it_can_be_served(monkeypatch):
     assert said(False, False, {"dashboard": 8787}) == link  # served by the existing scheduler
     assert said(True, False, {}) == ""  # an existing scheduler without one
     assert said(True, True, {"dashboard": 8787}, dashboard=False) == ""
+
+
+def test_hf_weights_load_on_the_workers_only_and_the_sites_are_checked_there(
+    tmp_path, scheduler, monkeypatch
+):
+    """`run` on workers never reads an hf checkpoint in the driver (it plans on the meta device):
+    the site checks run on the worker, before its first job."""
+    import transformers
+    from conftest import write_rows
+
+    from mi_spec.api import run
+    from mi_spec.tracking.base import InMemoryTracker
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=40, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    write_rows(tmp_path / "rows.jsonl")
+    (tmp_path / "h.yaml").write_text(
+        "name: lazy\nmodel: {hf: m, device: cpu}\ndata:\n  path: rows.jsonl\n"
+        "  positions: {mid: 4}\nmetric: {kind: loss, at: mid}\nexperiments:\n"
+        "  - {kind: activation_patching, sites: [L0.H0, L1.H1], positions: [mid]}\n"
+    )
+    loads = []
+    auto = transformers.AutoModelForCausalLM
+    original = auto.from_pretrained.__func__
+    monkeypatch.setattr(
+        auto,
+        "from_pretrained",
+        classmethod(lambda c, *a, **k: loads.append(a) or original(c, *a, **k)),
+    )
+    tracker = InMemoryTracker()
+    result = run(
+        tmp_path / "h.yaml", tracker, cache_dir=None, scheduler=scheduler.scheduler_address
+    )
+    assert loads == []  # the driver read no weights; the worker did (and checked the sites)
+    assert result.reports and tracker.status == "FINISHED"
