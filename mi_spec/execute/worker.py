@@ -11,6 +11,7 @@ import torch
 
 from mi_spec.data.dataset import Dataset, load_dataset
 from mi_spec.errors import ExecutionError
+from mi_spec.execute.allocator import recycle_large_blocks
 from mi_spec.execute.engine import Engine
 from mi_spec.execute.ops import op_for
 from mi_spec.models.load import LoadedModel, load_model
@@ -55,6 +56,7 @@ def loaded_for(plan: Plan, model: LoadedModel | None = None) -> Loaded:
     data = load_dataset(data_section, Path(plan.data.base_dir), plan.data.model_dir)
     if data.content_hash() != plan.data.data_hash:
         raise ExecutionError("dataset changed since the plan was compiled; compile it again")
+    recycle_large_blocks()  # a process that runs passes: no page faults for every large tensor
     # the probe pass learns forward order and call counts: a few tokens tell it as well as many
     sample = torch.tensor([data.tokens[0][:PROBE_TOKENS]], device=model.device)
     unembed = model.adapter.table.get("logits")
