@@ -3,7 +3,8 @@
 Same contract as `run_synchronous`: cached results are reused without submitting, and every new
 result is cached the moment it arrives, so an interrupted study resumes where it stopped. Workers
 receive the plan once (scattered to all of them) and keep the model in their process-level cache
-(`mi_spec.execute.worker`); jobs carry a reference to the model, never the model.
+(`mi_spec.execute.worker`); jobs carry a reference to the model, never the model. GPUs as a Dask
+resource live in `gpu_workers`, the watch for lost workers in `worker_watch`.
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ from mi_spec.errors import ExecutionError, MiSpecError
 from mi_spec.execute.cache import ResultCache
 from mi_spec.execute.worker import execute_job
 from mi_spec.plan.ir import Job, JobResult, Plan
+from mi_spec.schedule.gpu_workers import (
+    GPU,
+    check_resources,
+    cuda_devices,
+    gpu_worker_spec,
+    has_gpu_workers,
+)
 from mi_spec.schedule.profiles import RunnerProfile, SlurmOptions
 from mi_spec.schedule.progress import Console, Progress, count
+from mi_spec.schedule.worker_watch import NoWorkers, WorkerWatch
 
 if TYPE_CHECKING:
     from mi_spec.schedule.dispatch import RunnerSession
 
 CONNECT_TIMEOUT = "30s"  # how long to try reaching an existing scheduler
 WAIT_POLL_S = 0.05  # how often the wait for results wakes up (to check the workers)
-WORKER_CHECK_S = 1.0  # how often (at most) the scheduler is asked how many workers it has
-GPU = "GPU"  # the Dask resource GPU workers declare and GPU jobs ask for
 T = TypeVar("T")
 
 
@@ -66,17 +73,6 @@ def with_torch_threads(threads: int, fn: Callable[..., T], *args: Any) -> T:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return fn(*args)
-
-
-def _cuda_devices() -> list[str]:
-    """The ids of the GPUs this process may use (as CUDA_VISIBLE_DEVICES names them)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in visible.split(",")] if visible else []
-    return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
 # --- sessions and clients ---------------------------------------------------------------------
@@ -151,7 +147,7 @@ def open_client(
 def _local(
     profile: RunnerProfile, max_workers: int | None, console: Console
 ) -> Iterator[DaskSession]:
-    gpus = _cuda_devices() if profile.gpu is not False else []
+    gpus = cuda_devices() if profile.gpu is not False else []
     if profile.gpu is True and not gpus:
         raise ExecutionError("runner profile asks for gpu: true, but CUDA is not available here")
     groups = profile.gpu_groups(gpus) if gpus else []
@@ -219,16 +215,6 @@ def _start_workers(
     client.wait_for_workers(n)
 
 
-def gpu_worker_spec(template: dict[str, Any], gpus: Sequence[str]) -> dict[str, Any]:
-    """A SpecCluster worker spec like ``template`` (a LocalCluster's `new_spec`), whose process
-    sees only ``gpus`` (its CUDA_VISIBLE_DEVICES, set before the worker process starts: they
-    are its cuda:0, cuda:1, ...) and declares them as its Dask resource GPU."""
-    options = dict(template.get("options", {}))
-    options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
-    options["resources"] = {**(options.get("resources") or {}), GPU: len(gpus)}
-    return {**template, "options": options}
-
-
 def _close_workers(cluster: LocalCluster, timeout: float) -> None:
     """Ask each of ``cluster``'s worker processes to stop, and kill one still running after
     ``timeout`` seconds (``cluster.close`` would give each only 4 s, and warn as it kills:
@@ -265,7 +251,7 @@ def _remote(address: str, profile: RunnerProfile, console: Console) -> Iterator[
             "and `dask worker ADDRESS`, or check the address"
         ) from e
     try:
-        gpu = profile.gpu is True or (profile.gpu == "auto" and _gpu_workers(client))
+        gpu = profile.gpu is True or (profile.gpu == "auto" and has_gpu_workers(client))
         _setup(client, profile, console)
         console.end(stage)
         yield DaskSession(client, {GPU: profile.job_gpus()} if gpu else None, console)
@@ -314,11 +300,6 @@ def _slurm(profile: RunnerProfile, opts: SlurmOptions, console: Console) -> Iter
             client.close()
     finally:
         cluster.close()
-
-
-def _gpu_workers(client: Client) -> bool:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return any(w.get("resources", {}).get(GPU, 0) >= 1 for w in workers.values())
 
 
 def dashboard_available() -> bool:
@@ -419,7 +400,7 @@ def _compute(
         progress.say("  waiting for a Dask worker to connect")
         client.wait_for_workers(1)
     if resources:
-        _check_resources(client, resources)
+        check_resources(client, resources)
     watch = WorkerWatch(client, profile.no_worker_timeout, say=progress.say, need=resources)
     total = len(results) + len(jobs)
     shipped = plan.model_copy(update={"jobs": ()})  # workers never read plan.jobs
@@ -487,35 +468,6 @@ def _compute(
                 client.cancel(list(pending))
 
 
-def _fits(worker: dict[str, Any], need: dict[str, float] | None) -> bool:
-    """Whether a worker (as `scheduler_info` describes it) has the resources ``need``."""
-    have = worker.get("resources") or {}
-    return all(have.get(name, 0) >= amount for name, amount in (need or {}).items())
-
-
-def _resource_text(resources: dict[str, float] | None) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in sorted((resources or {}).items())) or "none"
-
-
-def _check_resources(client: Client, need: dict[str, float]) -> None:
-    """Raise `ExecutionError` when no connected worker has the resources ``need`` (jobs asking
-    for them would wait forever), naming what the workers have."""
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    if any(_fits(w, need) for w in workers.values()):
-        return
-    address = getattr(client.scheduler, "address", None) or "?"
-    shown = sorted(workers.items())[:4]
-    offers = "; ".join(f"{a}: {_resource_text(w.get('resources'))}" for a, w in shown)
-    more = f"; and {len(workers) - len(shown)} more" if len(workers) > len(shown) else ""
-    wanted = _resource_text(need)
-    raise ExecutionError(
-        f"every job asks for the Dask resources {wanted} (the runner profile's gpu and "
-        f"gpus_per_job), but none of the {count(len(workers), 'worker')} at {address} has them "
-        f"({offers}{more}). Start workers with `dask worker {address} --resources "
-        f"{wanted.replace(', ', ',')}`, or lower gpus_per_job (gpu: false runs on any worker)"
-    )
-
-
 def _next_done(queue: as_completed, watch: WorkerWatch) -> Future | None:
     """The next future to finish (or fail, or be cancelled), None when none is left; checks the
     scheduler's workers while waiting (`NoWorkers`)."""
@@ -525,88 +477,6 @@ def _next_done(queue: as_completed, watch: WorkerWatch) -> Future | None:
         watch.check()
         time.sleep(WAIT_POLL_S)
     return next(queue)
-
-
-class NoWorkers(Exception):
-    """The scheduler has had no worker for longer than the profile allows."""
-
-    def __init__(self, address: str, lost: int, waited: float, what: str = ""):
-        super().__init__(address, lost, waited, what)
-        self.address, self.lost, self.waited = address, lost, waited
-        self.what = what  # which workers count, e.g. " with GPU=1"
-
-    def describe(self, done: int, total: int, cached: bool) -> str:
-        who = "the only worker" if self.lost == 1 else f"all {self.lost} workers"
-        who += self.what
-        kept = "finished and are cached" if cached else "finished (not cached: the cache is off)"
-        return (
-            f"{who} left the Dask scheduler at {self.address} and none joined within "
-            f"{self.waited:g} s; {done} of {total} jobs {kept}, {total - done} did not. Start "
-            "workers (or raise no_worker_timeout in the runner profile) and run the study again"
-        )
-
-
-class WorkerWatch:
-    """Watches the scheduler's worker count (asking at most once every `WORKER_CHECK_S` seconds)
-    and raises `NoWorkers` once it has been zero for ``timeout`` seconds (None: never). With
-    ``need`` (e.g. ``{"GPU": 1}``), only workers with those resources count: jobs that need a GPU
-    cannot go on with CPU workers alone."""
-
-    def __init__(
-        self,
-        client: Client,
-        timeout: float | None,
-        clock: Callable[[], float] | None = None,
-        say: Callable[[str], None] | None = None,
-        need: dict[str, float] | None = None,
-    ):
-        self.client, self.timeout, self.need = client, timeout, need
-        self.what = f" with {_resource_text(need)}" if need else ""
-        self.clock = clock or time.monotonic
-        self.say = say or Console().say
-        self.address = str(getattr(client.scheduler, "address", None) or "?")
-        self.most = 0  # the most workers seen at once
-        self.since: float | None = None  # since when the scheduler has had no worker
-        self.every = WORKER_CHECK_S if timeout is None else min(WORKER_CHECK_S, timeout / 5)
-        self.next_check = 0.0
-        self._count()
-
-    def check(self) -> None:
-        """Raise `NoWorkers` when the scheduler has had no worker for too long."""
-        if self.clock() >= self.next_check:
-            self._count()
-
-    def wait_for_workers(self) -> None:
-        """Return once the scheduler has a worker; `NoWorkers` after ``timeout`` without one."""
-        while not self._count():
-            time.sleep(self.every)
-
-    def _count(self) -> int:
-        now = self.clock()
-        self.next_check = now + self.every
-        try:
-            info = self.client.scheduler_info(n_workers=-1 if self.need else 0)
-        except OSError as e:  # the scheduler itself is gone
-            raise ExecutionError(
-                f"lost the connection to the Dask scheduler at {self.address}: {e}"
-            ) from e
-        if self.need:
-            n = sum(_fits(w, self.need) for w in info.get("workers", {}).values())
-        else:
-            n = int(info.get("n_workers", len(info.get("workers", {}))))
-        self.most = max(self.most, n)
-        if n:
-            self.since = None
-        elif self.since is None:
-            self.since = now
-            limit = f"up to {self.timeout:g} s " if self.timeout is not None else ""
-            self.say(
-                f"  no Dask worker{self.what} left at {self.address}; waiting {limit}"
-                "for one to join"
-            )
-        elif self.timeout is not None and now - self.since >= self.timeout:
-            raise NoWorkers(self.address, max(self.most, 1), self.timeout, self.what)
-        return n
 
 
 def _store(

@@ -21,7 +21,7 @@ Unembed ``alpha`` * OUT: at positions 1..T-2 the next-token loss is ~(V-1)·exp(
 from __future__ import annotations
 
 import torch
-from reference.scrub import HEAD, Reference, upstream
+from reference.scrub import Reference
 
 from mi_spec.zoo.transformer import AttnOnlyConfig, AttnOnlyTransformer
 
@@ -73,34 +73,8 @@ class BidirectionalReference(Reference):
     """``reference.scrub.Reference`` for bidirectional attention: a head reads its inputs at
     every position of the row (there: up to the last needed one); all else is the same."""
 
-    def value(self, k: int, var: str) -> torch.Tensor:
-        if k in self.memo:
-            return self.memo[k]
-        sid, row, need, edges = self.nodes[k]
-        site = self.sites[sid]
-        h = self.hyp
-        inputs = [f"{site}:{p}" for p in "qkv"] if site in h.split else upstream(h, site)
-        assert [self.sites[e[0]] for e in edges] == inputs, (site, edges)
-        length = self.data.lengths[row]
-        everywhere = list(range(length))
-        edits = {}
-        for (_, default, overrides), src_site in zip(edges, inputs, strict=True):
-            src = [default] * length
-            for q, s in overrides:
-                src[q] = s
-            if site in h.split:
-                reads = need if src_site.endswith(":q") else everywhere
-            else:
-                reads = everywhere if HEAD.match(site) else need
-            owner = self.check_edge(src_site, var, row, src, list(reads))
-            var_of = {-src[q] - 1: owner[q] for q in reads if src[q] < 0}
-            edits[src_site] = [
-                self.clean(s, src_site)[q] if s >= 0 else self.value(-s - 1, var_of[-s - 1])[q]
-                for q, s in enumerate(src)
-            ]
-        value = self.forward(row, edits, [site])[site]
-        self.memo[k] = value
-        return value
+    def visible(self, need: list[int], length: int) -> range:
+        return range(length)
 
 
 class _Shifted(torch.nn.Module):

@@ -5,10 +5,11 @@ edge must be and asserting the tree says the same:
 
 - a node reads every residual writer upstream of it (embed, heads and MLPs of earlier layers, its
   own layer's heads for an MLP), or, for a head whose q/k/v are named, those three inputs;
-- at each position the reader needs (attention: every position up to the last needed one), an input
-  that is a site of a parent variable of the reader's variable is a child computed on another row
-  that agrees with the reader's row on that variable (at that position for per-position variables),
-  needed there; any other input there is a clean value of some other row;
+- at each position the reader needs (attention: every position up to the last needed one, as
+  `Reference.visible` says), an input that is a site of a parent variable of the reader's variable
+  is a child computed on another row that agrees with the reader's row on that variable (at that
+  position for per-position variables), needed there; any other input there is a clean value of
+  some other row;
 
 A node at a residual point (``L1.resid_pre``, ``L0.resid_post``: depth 1) stands for every writer
 below it: a reader above it reads it plus the writers from its depth up. A subspace node
@@ -133,6 +134,10 @@ class Reference:
         return self.clean_cache[row][site]
 
     # --- the recursion ----------------------------------------------------------------------
+    def visible(self, need: list[int], length: int) -> range:
+        """Where a head needed at ``need`` reads its inputs (causal: positions up to max(need))."""
+        return range(max(need) + 1)
+
     def value(self, k: int, var: str) -> torch.Tensor:
         if k in self.memo:
             return self.memo[k]
@@ -151,9 +156,9 @@ class Reference:
             for q, s in overrides:
                 src[q] = s
             if site in h.split:
-                reads = need if src_site.endswith(":q") else range(max(need) + 1)
+                reads = need if src_site.endswith(":q") else self.visible(need, length)
             else:
-                reads = range(max(need) + 1) if attention else need
+                reads = self.visible(need, length) if attention else need
             owner = self.check_edge(src_site, var, row, src, list(reads))
             var_of = {-src[q] - 1: owner[q] for q in reads if src[q] < 0}
             edits[src_site] = [

@@ -17,14 +17,14 @@ from distributed import LocalCluster
 from mi_spec.api import compile_file
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.cache import ResultCache
-from mi_spec.plan.ir import JobResult, Plan
+from mi_spec.plan.ir import JobResult
 from mi_spec.schedule import dask_runner
 from mi_spec.schedule.dask_runner import open_client, run_dask, with_torch_threads
 from mi_spec.schedule.profiles import RunnerProfile, SlurmOptions
 from mi_spec.schedule.progress import Progress
 from mi_spec.schedule.synchronous import run_synchronous
+from mi_spec.schedule.worker_watch import NoWorkers, WorkerWatch
 
-BODY = "experiments:\n  - {kind: activation_patching, sites: ['L*.H*'], batch_size: %d}\n"
 # jobs slow enough (~0.1 s) for a worker to be busy when the first result arrives
 WIDER = GPT2.replace("n_embd: 32", "n_embd: 192")
 
@@ -87,23 +87,6 @@ class RecordingCluster(LocalCluster):
         RecordingCluster.made.append(self)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Synchronous reference runs in this process with one thread, like the workers (and fast)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def study(study_file) -> tuple[Plan, dict[str, JobResult]]:
-    """A 4-job plan (16 rows, 4 a job) and its synchronous results."""
-    _, plan = compile_file(study_file(BODY % 4))
-    assert len(plan.jobs) == 4
-    return plan, run_synchronous(plan, plan.jobs, None, Progress(4))
-
-
 @pytest.fixture(scope="module")
 def scheduler():
     """An existing scheduler with one worker, shared by this module's tests."""
@@ -114,9 +97,9 @@ def scheduler():
 
 
 def test_local_cluster_matches_synchronous_despite_a_killed_worker(
-    study_file, monkeypatch, tmp_path
+    patching_file, monkeypatch, tmp_path
 ):
-    _, plan = compile_file(study_file(BODY % 1, model=WIDER))  # 16 jobs
+    _, plan = compile_file(patching_file(1, model=WIDER))  # 16 jobs
     expected = run_synchronous(plan, plan.jobs, None, Progress(16))
     RecordingCluster.made.clear()
     monkeypatch.setattr(dask_runner, "LocalCluster", RecordingCluster)
@@ -209,10 +192,10 @@ def test_unreachable_scheduler_is_an_execution_error(study, monkeypatch):
     assert time.perf_counter() - start < 10
 
 
-def test_study_survives_losing_its_only_worker(study_file, scheduler):
+def test_study_survives_losing_its_only_worker(patching_file, scheduler):
     """The plan's only copy dies with the worker: it is sent again and the jobs resubmitted.
     (The last test using the module's scheduler: its worker is replaced.)"""
-    _, plan = compile_file(study_file(BODY % 2, model=WIDER))  # 8 jobs
+    _, plan = compile_file(patching_file(2, model=WIDER))  # 8 jobs
     expected = run_synchronous(plan, plan.jobs, None, Progress(8))
     progress = KillOnFirstResult(8, [scheduler])
     profile = cluster_profile(scheduler.scheduler_address)
@@ -272,7 +255,7 @@ class FakeScheduler:
 
 def test_worker_watch_fails_after_the_timeout_without_workers(capsys):
     now = [0.0]
-    watch = dask_runner.WorkerWatch(FakeScheduler([2, 0, 0, 1, 0]), 10, clock=lambda: now[0])
+    watch = WorkerWatch(FakeScheduler([2, 0, 0, 1, 0]), 10, clock=lambda: now[0])
     for t in (2.0, 4.0, 13.9):  # 0 workers since t=2 (reported once), then one joins at 13.9
         now[0] = t
         watch.check()
@@ -281,14 +264,14 @@ def test_worker_watch_fails_after_the_timeout_without_workers(capsys):
         now[0] = t
         watch.check()
     now[0] = 27.0
-    with pytest.raises(dask_runner.NoWorkers) as err:
+    with pytest.raises(NoWorkers) as err:
         watch.check()
     assert err.value.describe(3, 8, cached=True) == (
         "all 2 workers left the Dask scheduler at tcp://sched:8786 and none joined within 10 s; "
         "3 of 8 jobs finished and are cached, 5 did not. Start workers (or raise "
         "no_worker_timeout in the runner profile) and run the study again"
     )
-    forever = dask_runner.WorkerWatch(FakeScheduler([1, 0]), None, clock=lambda: now[0])
+    forever = WorkerWatch(FakeScheduler([1, 0]), None, clock=lambda: now[0])
     for t in (100.0, 1e6):
         now[0] = t
         forever.check()  # null: waits for workers forever
@@ -309,9 +292,9 @@ class ScaleToZeroOnFirstResult(Progress):
 
 
 def test_losing_every_worker_fails_after_the_timeout_with_finished_jobs_cached(
-    study_file, tmp_path
+    patching_file, tmp_path
 ):
-    _, plan = compile_file(study_file(BODY % 2, model=WIDER))  # 8 jobs of ~0.1 s
+    _, plan = compile_file(patching_file(2, model=WIDER))  # 8 jobs of ~0.1 s
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
     ) as cluster:

@@ -9,20 +9,18 @@ import os
 import time
 
 import pytest
-import torch
 from distributed import Client, LocalCluster, get_task_stream
 
-from mi_spec.api import compile_file
 from mi_spec.errors import ExecutionError
-from mi_spec.plan.ir import JobResult, Plan
+from mi_spec.plan.ir import JobResult
 from mi_spec.schedule import dask_runner
-from mi_spec.schedule.dask_runner import gpu_worker_spec, open_client, run_dask
+from mi_spec.schedule.dask_runner import open_client, run_dask
 from mi_spec.schedule.dispatch import RunnerSession
+from mi_spec.schedule.gpu_workers import gpu_worker_spec
 from mi_spec.schedule.profiles import RunnerProfile, load_profile
 from mi_spec.schedule.progress import Console, Progress
-from mi_spec.schedule.synchronous import run_synchronous
+from mi_spec.schedule.worker_watch import NoWorkers, WorkerWatch
 
-BODY = "experiments:\n  - {kind: activation_patching, sites: ['L*.H*'], batch_size: 4}\n"
 START_S = 180  # starting worker processes (each imports torch) on a loaded 2-core machine
 
 
@@ -43,22 +41,6 @@ def declared(client: Client) -> dict[str, dict]:
     """Each worker's Dask resources, by worker address."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     return {address: w.get("resources", {}) for address, w in workers.items()}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def study(study_file) -> tuple[Plan, dict[str, JobResult]]:
-    """A 4-job plan and its synchronous results."""
-    _, plan = compile_file(study_file(BODY))
-    assert len(plan.jobs) == 4
-    return plan, run_synchronous(plan, plan.jobs, None, Progress(4))
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +109,7 @@ def test_local_gpu_profiles_pin_workers_to_their_gpus(
     """One worker per GPU, or one worker holding every GPU (a sharded model); the fake device
     ids are only names here: torch in the workers sees no CUDA and runs on the CPU."""
     plan, expected = study
-    monkeypatch.setattr(dask_runner, "_cuda_devices", lambda: list(devices))
+    monkeypatch.setattr(dask_runner, "cuda_devices", lambda: list(devices))
     profile = load_profile(name).model_copy(update={"dashboard": False})
     out = io.StringIO()
     with RunnerSession(profile, console=Console(out)) as session:
@@ -145,7 +127,7 @@ def test_local_gpu_profiles_pin_workers_to_their_gpus(
 
 
 def test_gpu_profile_without_cuda_is_an_error(monkeypatch):
-    monkeypatch.setattr(dask_runner, "_cuda_devices", lambda: [])
+    monkeypatch.setattr(dask_runner, "cuda_devices", lambda: [])
     with (
         pytest.raises(ExecutionError, match="gpu: true, but CUDA is not available here"),
         open_client(load_profile("gpu")),
@@ -168,14 +150,12 @@ def test_losing_every_gpu_worker_counts_as_losing_every_worker(capsys):
     gpu, cpu = {"resources": {"GPU": 1}}, {"resources": {}}
     now = [0.0]
     states = [{"a": gpu, "b": gpu, "c": cpu}, {"c": cpu}]  # both GPU workers die; "c" stays
-    watch = dask_runner.WorkerWatch(
-        FakeScheduler(states), 10, clock=lambda: now[0], need={"GPU": 1}
-    )
+    watch = WorkerWatch(FakeScheduler(states), 10, clock=lambda: now[0], need={"GPU": 1})
     now[0] = 2.0
     watch.check()
     assert "no Dask worker with GPU=1 left at tcp://sched:8786" in capsys.readouterr().err
     now[0] = 12.0
-    with pytest.raises(dask_runner.NoWorkers) as err:
+    with pytest.raises(NoWorkers) as err:
         watch.check()
     assert err.value.describe(1, 4, cached=True).startswith(
         "all 2 workers with GPU=1 left the Dask scheduler at tcp://sched:8786 and none joined "
