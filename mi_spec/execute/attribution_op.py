@@ -41,7 +41,7 @@ import torch
 from mi_spec.data.dataset import Dataset
 from mi_spec.errors import ExecutionError
 from mi_spec.execute.engine import Engine, assign
-from mi_spec.execute.metrics import make_targets, picked_logits, score
+from mi_spec.execute.metrics import make_targets, picked_logits, score, scored_at
 from mi_spec.execute.ops import op_for, register_op
 from mi_spec.execute.run_job import Batch, make_batch, run_job, source_values
 from mi_spec.plan.ir import Intervention, Job, JobResult, Plan, Variant
@@ -164,9 +164,9 @@ def _estimate(
         names |= {it.receiver for it in items} | set(p["points"].values())
         names |= set(p["through"].values()) | set(p["components"])
     sites = {s: plan.sites[s] for s in names}
-    acts, logits = grad_pass(engine, base, list(sites.values()))
-    clean = score(kind, logits, targets)
-    clean_logp = torch.log_softmax(picked_logits(logits, targets), -1).detach()
+    acts, logits = grad_pass(engine, base, list(sites.values()), scored_at(targets))
+    clean = score(kind, logits, targets, picked=True)
+    clean_logp = torch.log_softmax(picked_logits(logits, targets, picked=True), -1).detach()
     source = None
     if source_run is not None:  # scored where the metric's role is in the source
         source = source_run.score(kind, clean_logp)
@@ -277,11 +277,11 @@ def _act_key(site: SiteBinding) -> Act:
 
 
 def grad_pass(
-    engine: Engine, base: Batch, sites: Sequence[SiteBinding]
+    engine: Engine, base: Batch, sites: Sequence[SiteBinding], at: torch.Tensor
 ) -> tuple[dict[Act, torch.Tensor], torch.Tensor]:
     """One forward of the base rows with autograd on (``Engine.run_with_grad``): every site's
-    whole activation, in the graph, and the logits."""
-    acts, logits = engine.run_with_grad(base.ids, base.mask, sites)
+    whole activation, in the graph, and the logits at the scored positions ``at`` [B, P]."""
+    acts, logits = engine.run_with_grad(base.ids, base.mask, sites, logits=at)
     if not logits.requires_grad:
         raise ExecutionError("attribution: the logits do not depend on any site (no gradient)")
     return acts, logits

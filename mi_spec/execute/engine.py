@@ -272,15 +272,26 @@ class Engine:
         return result, out
 
     def run_with_grad(
-        self, ids: torch.Tensor, mask: torch.Tensor, sites: Sequence[SiteBinding]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        sites: Sequence[SiteBinding],
+        logits: torch.Tensor | None = None,
     ) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
         """One forward with autograd on: each site's whole activation, live in the graph, by
         (module, io), and the logits. Gradients w.r.t. these are those of the values a patch
         replaces: a module *input* becomes a copy only this module reads (a patch of it reaches
         this module only), except ``in_place`` sites (also a residual skip), which stay the live
         tensor so every use is in the graph; an activation that does not require grad yet (frozen
-        weights) becomes an equal leaf that does (for an in-place site: plus a zero, in place)."""
+        weights) becomes an equal leaf that does (for an in-place site: plus a zero, in place).
+        ``logits``: [B, P] positions: the logits there only, [B, P, V] (as in ``run``)."""
         keys = sorted({(s.module, s.io) for s in sites}, key=lambda k: self.order[k])
+        at = None
+        if logits is not None:
+            at = logits.to(ids.device)
+        feed = at is not None and self.unembed is not None
+        if feed and any(module == self.unembed for module, _ in keys):
+            feed = False  # a site on the unembedding: it runs on every position
         shared = {(s.module, s.io) for s in sites if s.in_place}
         for s in sites:
             self.check_binding(s)
@@ -305,14 +316,22 @@ class Engine:
                         act = fresh if fresh is not None else act.clone()
                         replace(env, io, act, act, in_place=False)
                     acts[(module, io)] = act
+                if feed:
+                    self.feed_unembed(
+                        ids.shape[0], at + (0 if layout is None else layout.shift[:, None])
+                    )
                 acts["__logits__"] = self.nn.output
         except (ResolveError, ExecutionError):
             raise
         except Exception as e:
             names = ", ".join(sorted(f"{m}.{io}" for m, io in keys))
             raise _failed("gradient pass over", names, e) from e
-        logits = _logits_of(acts.pop("__logits__"))
-        return acts, logits if layout is None else layout.to_right(logits)
+        result = _logits_of(acts.pop("__logits__"))
+        if feed:
+            return acts, result
+        if layout is not None:
+            result = layout.to_right(result)
+        return acts, result if at is None else _pick(result, at)
 
     def envoy(self, path: str) -> Any:
         """The nnsight envoy of the module at dotted ``path``."""

@@ -71,7 +71,7 @@ def test_no_logits_stops_after_the_last_site_with_the_same_reads(gpt2):
     torch.testing.assert_close(got["z"], want["z"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["patching", "paths", "lens"])
+@pytest.mark.parametrize("kind", ["patching", "paths", "lens", "attribution"])
 def test_ops_unembed_only_the_scored_positions(tmp_path, kind):
     write_rows(tmp_path / "rows.jsonl", n=6, length=10, seed=3)
     experiment = {
@@ -79,6 +79,7 @@ def test_ops_unembed_only_the_scored_positions(tmp_path, kind):
         "paths": '{kind: path_patching, senders: ["L0.H*"], receivers: ["L1.H0:q"], '
         "positions: [6]}",
         "lens": "{kind: logit_lens}",
+        "attribution": '{kind: attribution_patching, sites: ["L*.H*"], positions: [6]}',
     }[kind]
     (tmp_path / "h.yaml").write_text(f"""
 name: scored
