@@ -88,6 +88,7 @@ def hook_estimates(
     (z_src - z_base) . dM/dz summed per head: [layers, heads, T, B]."""
     modules = dict(model.named_modules())
     paths = sorted({h.module for h in heads}, key=lambda p: int(p.split(".")[2]))
+    per_layer = len(heads) // len(paths)
     src: dict[str, torch.Tensor] = {}
     base: dict[str, torch.Tensor] = {}
     zero: dict[str, torch.Tensor] = {}
@@ -121,7 +122,7 @@ def hook_estimates(
     grads = torch.autograd.grad(score(logits).sum(), [zero[p] for p in paths])
     out = []
     for p, g in zip(paths, grads, strict=True):
-        prod = ((src[p] - base[p]) * g).view(*g.shape[:2], HEADS, -1).sum(-1)  # [B, T, H]
+        prod = ((src[p] - base[p]) * g).view(*g.shape[:2], per_layer, -1).sum(-1)  # [B, T, H]
         out.append(prod.permute(2, 1, 0))  # [H, T, B]
     return torch.stack(out)
 

@@ -566,7 +566,6 @@ def attribution(cfg: Config, ctx: Ctx, table: Table, exhaustive: str) -> list[Go
     attrib, plan = ctx.job("attrib"), ctx.plan
     items = [tuple(it) for it in attrib.params["items"]]
     est_name, hook_name = "attribution: estimate_all", "floor: attribution (2 fwd + bwd)"
-    attribution_bench.HEADS = cfg.size["heads"]  # its floor views c_proj inputs per head
     print("  attribution ...", file=sys.stderr)
     table.time({
         est_name: lambda: estimate_all(attrib, plan, ctx.engine, ctx.data),
