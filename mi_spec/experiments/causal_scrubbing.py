@@ -27,7 +27,8 @@ from mi_spec.analysis.figures import bars_png
 from mi_spec.analysis.graph_figure import hypothesis_graph_png
 from mi_spec.analysis.report import ExperimentReport
 from mi_spec.analysis.stats import bootstrap_ci, bootstrap_ratio_ci
-from mi_spec.data.positions import resolve_role
+from mi_spec.data.positions import metric_positions, resolve_role
+from mi_spec.experiments import scrub_schedule
 from mi_spec.experiments import scrub_tree as tree
 from mi_spec.experiments.base import (
     CompileContext,
@@ -71,7 +72,15 @@ class CausalScrubbingSpec(ExperimentSpec):
         description="Unnamed inputs of a tree node: one random input per edge, or one per node",
     )
     controls: ScrubControls = Field(default_factory=ScrubControls)
-    max_tree_nodes: int = Field(500_000, ge=1, description="Cap on tree nodes per job")
+    max_tree_nodes: int = Field(500_000, ge=1, description="Cap on distinct tree nodes per job")
+    sample_positions: int | None = Field(
+        None,
+        ge=1,
+        description="Score k seeded random positions of the metric's role per example (default: "
+        "all). The same positions for the model, every variant and seed. CIs stay over examples; "
+        "each example's value is then an unbiased estimate of its all-positions mean, with extra "
+        "variance, so CIs widen. The trees shrink about in proportion (long sequences)",
+    )
 
     kind_name = "causal_scrubbing"
 
@@ -245,38 +254,49 @@ class CausalScrubbing:
     def _job(self, spec, ctx, arch, pools, roles, variants, seed, batch) -> Job:
         builder = tree.TreeBuilder(arch, pools, roles, spec.unnamed, spec.max_tree_nodes)
         record: dict = {}
+        scored, sampled = {}, False
+        for row in batch:
+            scored[row], fewer = scored_positions(spec, ctx, row)
+            sampled |= fewer
         out = []
         for label, hyp, _ in variants:
             roots = []
             for row in batch:
                 rng = random.Random(f"{seed}:{label}:{row}")
-                need = roles(ctx.metric.at, row)
                 sampling = tree.Sampling(hyp, rng, record if label == MAIN else None)
-                roots.append(builder.root(sampling, row, need))
+                roots.append(builder.root(sampling, row, scored[row]))
             nodes = [[n.var, n.label] for n in hyp.nodes]
             out.append(
                 {"label": label, "nodes": nodes, "output": sorted(hyp.output), "roots": roots}
             )
-        level = tree.levels(builder.nodes)
-        clean = {s for n in builder.nodes for e in n[3] for s in tree.sources_of(e) if s >= 0}
-        by_level = [[k for k, lv in enumerate(level) if lv == d] for d in range(1, max(level) + 1)]
-        passes = [len(clean | set(batch))]
-        passes += [len(tree.pack(builder.nodes, builder.sites, ids)) for ids in by_level]
+        widths = [_width(ctx, s) for s in builder.sites]
+        length = ctx.data.lengths[batch[0]]
+        plan = scrub_schedule.schedule(
+            builder.nodes, builder.sites, length, scored, widths, arch.attention
+        )
         power = [
             [v, p, repr(k), n, uses] for (v, p, k), (n, uses) in sorted(record.items(), key=str)
         ]
+        params = {
+            "seed": seed,
+            "sites": builder.sites,
+            "nodes": builder.nodes,
+            "variants": out,
+            "level_rows": plan.stage_rows,  # batch rows per stage: clean pass, then each level
+            "tree_nodes": builder.built,  # as built, one evaluation per node
+            "distinct_nodes": len(builder.nodes),  # after hash-consing equal subtrees
+            "attention": arch.attention,
+            "widths": widths,
+            "pass_floats": scrub_schedule.PASS_FLOATS,
+            "power": power,
+        }
+        if sampled:  # the metric's positions, restricted (the op scores these only)
+            params["positions"] = [scored[row] for row in batch]
         return Job(
             experiment=spec.label,
             op="scrub",
             rows=tuple(batch),
-            params={
-                "seed": seed,
-                "sites": builder.sites,
-                "nodes": builder.nodes,
-                "variants": out,
-                "level_rows": passes,  # batch rows: clean pass, then each level
-                "power": power,
-            },
+            params=params,
             extra_sites=tuple(s for s in builder.sites if s != "logits"),
         )
 
@@ -336,7 +356,11 @@ class CausalScrubbing:
             "attention": arch.attention,
             "output": sorted(hyp.output),
             "n_random": len(controls),
-            **{k: sum(r.extra.get(k, 0) for r in results) for k in ("passes", "tree_nodes")},
+            "sample_positions": spec.sample_positions,
+            **{
+                k: sum(r.extra.get(k, 0) for r in results)
+                for k in ("passes", "tree_nodes", "distinct_nodes")
+            },
         }
         rep.tables["variants.csv"] = rows
         rep.figures["loss_recovered.png"] = _bars(rep.name, variants, recovered, controls)
@@ -345,6 +369,30 @@ class CausalScrubbing:
         png = hypothesis_graph_png(graph, ctx.correspondence, sorted(hyp.output), edges, rep.name)
         rep.figures["graph.png"] = png
         return rep
+
+
+def scored_positions(
+    spec: CausalScrubbingSpec, ctx: CompileContext, row: int
+) -> tuple[list[int], bool]:
+    """The positions the metric scores on ``row``: all of them, or ``sample_positions`` of them
+    drawn with a generator seeded by the experiment's seed and the row (fixed across seeds);
+    and whether that is fewer than all."""
+    got = sorted(set(metric_positions(ctx.metric, ctx.positions, ctx.data, [row])[0]))
+    k = spec.sample_positions
+    if k is None or k >= len(got):
+        return got, False
+    return sorted(random.Random(f"{spec.seed}:positions:{row}").sample(got, k)), True
+
+
+def _width(ctx: CompileContext, site: str) -> int:
+    """Floats per value of ``site`` (the memory cap's unit): the vocabulary for the output."""
+    if site == tree.LOGITS:
+        return ctx.dims.d_vocab
+    if "[" not in site:
+        width = ctx.bind(site).width
+        if width is not None:
+            return width
+    return ctx.dims.d_model
 
 
 def _gather(jobs, results, labels, seeds) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:

@@ -51,7 +51,8 @@ unnamed source, like an unnamed edge.
 overrides]``, the input's source at every position, except ``overrides`` ``[[pos, src], ...]``,
 plus, where subspace nodes feed it, ``[[pos, src, subspace_site_id], ...]``: at ``pos`` the
 subspace's coordinates are then taken from ``src``. A source ``s >= 0`` is the clean value of
-dataset row s, ``s < 0`` is tree node ``-s - 1``.
+dataset row s, ``s < 0`` is tree node ``-s - 1``. Nodes are hash-consed: equal nodes (site, row,
+need, edges; children already shared) are stored once and referenced by every parent.
 """
 
 from __future__ import annotations
@@ -73,10 +74,8 @@ LOGITS = "logits"
 _HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
 _PART = re.compile(r"^(L\d+\.H\d+):([qkv])$")
 _MLP = re.compile(r"^L(\d+)\.mlp_out$")
-_LOCAL = re.compile(r"^(L\d+\.H\d+:[qkv]|L\d+\.mlp_out|L\d+\.resid_(pre|post)|logits)$")
 _RESID = re.compile(r"^L(\d+)\.resid_(pre|post)$")
 ATTENTION = ("causal", "bidirectional")
-Slot = tuple[int, int | None]  # (node id, its position in a shared batch row, or None: own row)
 
 
 class ScrubError(ValueError):
@@ -331,7 +330,12 @@ class Sampling:
 
 @dataclass
 class TreeBuilder:
-    """Builds scrub trees into one shared node list (the Plan encoding above)."""
+    """Builds scrub trees into one shared node list (the Plan encoding above).
+
+    Hash-consed: a node equal to one already built (same site, row, need and edges, its children
+    already shared) is not added again; its parent references the first. ``built`` counts every
+    node as built (what evaluating the trees node by node would compute), ``len(nodes)`` the
+    distinct ones."""
 
     arch: Arch
     pools: Pools
@@ -340,6 +344,9 @@ class TreeBuilder:
     max_nodes: int = 500_000
     sites: list[str] = field(default_factory=list)
     nodes: list[list[Any]] = field(default_factory=list)
+    dedup: bool = True
+    built: int = 0
+    _known: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
 
     def root(self, t: Sampling, row: int, need: Sequence[int]) -> int:
         """Build the tree of the output on base row ``row`` scored at ``need``; its node id."""
@@ -390,12 +397,19 @@ class TreeBuilder:
         for e in edges:  # [site, default, overrides]; [..., subspace overrides] where there are
             if not e[3]:
                 e.pop()
+        self.built += 1
+        node = [self._site_id(site), row, sorted(need), edges]
+        key = (node[0], row, tuple(node[2]), *(_frozen(e) for e in edges))
+        if self.dedup and key in self._known:
+            return -self._known[key] - 1
         if len(self.nodes) >= self.max_nodes:
             raise ScrubError(
-                f"the scrub trees exceed {self.max_nodes} nodes per job; lower batch_size, "
-                "samples or the number of scored positions, or raise max_tree_nodes"
+                f"the scrub trees exceed {self.max_nodes} distinct nodes per job; lower "
+                "batch_size, samples or the number of scored positions (sample_positions), or "
+                "raise max_tree_nodes"
             )
-        self.nodes.append([self._site_id(site), row, sorted(need), edges])
+        self._known[key] = len(self.nodes)
+        self.nodes.append(node)
         return -len(self.nodes)
 
     def _sources(
@@ -435,13 +449,18 @@ class TreeBuilder:
         return default, [[q, s] for q, s in sorted(at.items()) if s != default], spaces
 
 
+def _frozen(edge: Sequence[Any]) -> tuple[Any, ...]:
+    """A hashable form of an edge ``[site_id, default, overrides(, subspace overrides)]``."""
+    return (edge[0], edge[1], *(tuple(map(tuple, part)) for part in edge[2:]))
+
+
 def sources_of(edge: Sequence[Any]) -> list[int]:
     """Every source an edge ``[site_id, default, overrides(, subspace overrides)]`` names."""
     subs = edge[3] if len(edge) > 3 else ()
     return [edge[1], *(s for _, s in edge[2]), *(s for _, s, _ in subs)]
 
 
-def shape_of(node: Sequence[Any]) -> tuple[Any, ...]:
+def shape_of(node: Sequence[Any]) -> tuple[int, ...]:
     """What rows computing ``node`` share in one pass: its site and its inputs' sites (the same
     site reads different inputs under hypotheses with different residual cuts)."""
     return (node[0], *(e[0] for e in node[3]))
@@ -453,35 +472,4 @@ def levels(nodes: Sequence[Sequence[Any]]) -> list[int]:
     for node in nodes:
         children = [out[-s - 1] for e in node[3] for s in sources_of(e) if s < 0]
         out.append(max(children, default=0) + 1)
-    return out
-
-
-def pack(
-    nodes: Sequence[Sequence[Any]], sites: Sequence[str], ids: Sequence[int]
-) -> list[tuple[int, list[Slot]]]:
-    """Batch rows ``(site_id, slots)`` for ``ids`` (nodes of one level), grouped by site.
-
-    A position-local reader (q/k/v input, MLP, output) depends at position q only on its inputs at
-    q, so its nodes needed at a single position share rows, one node per position. Others (heads:
-    attention reads other positions) take a row each.
-    """
-    out: list[tuple[int, list[Slot]]] = []
-    by_site: dict[tuple[Any, ...], list[int]] = {}
-    for k in ids:
-        by_site.setdefault(shape_of(nodes[k]), []).append(k)
-    for (sid, *_), members in by_site.items():
-        local = _LOCAL.match(sites[sid]) is not None
-        shared: list[list[Slot]] = []
-        used: dict[int, int] = {}  # position -> shared rows already holding it
-        for k in members:
-            need = nodes[k][2]
-            if not (local and len(need) == 1):
-                out.append((sid, [(k, None)]))
-                continue
-            q = need[0]
-            if used.get(q, 0) == len(shared):
-                shared.append([])
-            shared[used.get(q, 0)].append((k, q))
-            used[q] = used.get(q, 0) + 1
-        out += [(sid, slots) for slots in shared]
     return out
