@@ -22,7 +22,8 @@ from mi_spec.compile.resolve import Study, load_spec, resolve
 from mi_spec.errors import SpecError, SpecIssue
 from mi_spec.experiments.base import kinds
 from mi_spec.plan.ir import Job, JobResult, Plan, content_hash
-from mi_spec.schedule.profiles import RunnerProfile
+from mi_spec.plan.memory import Fit, fit_rows, model_size, runner_limit
+from mi_spec.schedule.profiles import RunnerProfile, load_profile
 from mi_spec.schedule.progress import Console, count
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
@@ -115,6 +116,24 @@ def check_plan_sites(study: Study, plan: Plan) -> None:
     check_sites_once(plan, loaded_for(plan, model=study.model), bind=study.bind)
 
 
+def fit_memory(
+    study: Study, plan: Plan, runner: RunnerProfile | str = "local", address: str | None = None
+) -> tuple[Plan, Fit]:
+    """``plan`` with its rows per pass lowered where its largest job's estimated peak
+    (``plan/memory.py``) would not fit a worker of ``runner`` (``address``: an existing Dask
+    scheduler), and the fit. A study that cannot fit even at one row a pass raises
+    `MemoryLimitError` (the experiment, its estimate and the limit), before anything runs. A
+    model sharded across GPUs (``device_map``) is not fitted: its rows stay as planned."""
+    profile = load_profile(runner) if isinstance(runner, str) else runner
+    device = study.model.device.type
+    sharded = study.spec.model.device_map is not None
+    limit = None if sharded else runner_limit(profile, device, address)
+    fit = fit_rows(plan, limit, model_size(study.model.skeleton, plan), device)
+    if fit.lowered:
+        plan = plan.model_copy(update={"max_batch_rows": fit.rows})
+    return plan, fit
+
+
 def run_plan(
     plan: Plan,
     jobs: Sequence[Job],
@@ -163,6 +182,9 @@ def run(
     session = session or RunnerSession(runner, scheduler)
     try:
         study, plan = compile_file(path, overrides, only, console)
+        plan, fit = fit_memory(study, plan, session.profile, session.address)
+        if fit.lowered:  # job ids stay: the same results, in smaller passes
+            console.say(f"  {fit.describe()}")
         result = RunResult(plan)
         record = study_record(study, plan, session.kind)
         if only is not None:

@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the compiled plan: jobs, passes, memory")
     with_file(pl)
     pl.add_argument("--json", action="store_true", help="print the plan itself as JSON")
+    pl.add_argument(
+        "--runner",
+        default="local",
+        help="runner profile whose workers the jobs must fit (as for `run`; default: local): "
+        "rows per pass are lowered to fit its memory, a study that cannot fit is refused",
+    )
     pl.set_defaults(func=_plan)
 
     r = sub.add_parser(
@@ -196,8 +202,9 @@ def _plan(args: argparse.Namespace) -> int:
     from mi_spec import api
     from mi_spec.plan.summary import summarize
 
-    _, plan = api.compile_file(args.file, args.overrides)
-    print(plan.to_json() if args.json else summarize(plan))
+    study, plan = api.compile_file(args.file, args.overrides)
+    plan, fit = api.fit_memory(study, plan, args.runner)  # refuses a study that cannot fit
+    print(plan.to_json() if args.json else summarize(plan, fit=fit))
     return 0
 
 
