@@ -161,7 +161,7 @@ def _means(
     for start in range(0, len(refs), plan.max_batch_rows):
         chunk = make_batch(data, refs[start : start + plan.max_batch_rows], engine.device)
         reads = [Read(k, plan.sites[k[0]], chunk.role(table, k[1])) for k in keys]
-        _, got = engine.run(chunk.ids, chunk.mask, reads=reads)
+        _, got = engine.run(chunk.ids, chunk.mask, reads=reads, logits=False)
         for k, v in got.items():
             total = v.double().sum(0, keepdim=True)
             sums[k] = total if k not in sums else sums[k] + total

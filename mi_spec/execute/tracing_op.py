@@ -39,7 +39,8 @@ def embedding_std(
     values = []
     for start in range(0, len(rows), max_rows):
         batch = make_batch(data, rows[start : start + max_rows], engine.device)
-        _, got = engine.run(batch.ids, batch.mask, reads=[Read("embed", embed, None)])
+        reads = [Read("embed", embed, None)]
+        _, got = engine.run(batch.ids, batch.mask, reads=reads, logits=False)
         values.append(got["embed"][batch.mask.bool()].double().flatten())
     return float(torch.cat(values).std())
 

@@ -11,7 +11,7 @@ import torch
 
 from mi_spec.data.dataset import Dataset, load_dataset
 from mi_spec.errors import ExecutionError
-from mi_spec.execute.allocator import recycle_large_blocks
+from mi_spec.execute.allocator import recycle_large_blocks, release_free_blocks
 from mi_spec.execute.engine import Engine
 from mi_spec.execute.ops import op_for
 from mi_spec.models.load import LoadedModel, load_model
@@ -101,4 +101,7 @@ def execute_job(plan: Plan, job: Job) -> JobResult:
     checked before this process's first job on them."""
     state = loaded_for(plan)
     check_sites_once(plan, state)
-    return op_for(job.op)(job, plan, state.engine, state.data)
+    try:
+        return op_for(job.op)(job, plan, state.engine, state.data)
+    finally:
+        release_free_blocks()
