@@ -1,5 +1,6 @@
-"""Large short-lived tensors reuse memory instead of faulting fresh pages on every allocation
-(Linux/glibc): measured in a subprocess, allocation in a worker thread as on Dask."""
+"""Large short-lived blocks (what a pass's big tensors get from glibc) reuse memory instead of
+faulting fresh pages on every allocation (Linux/glibc): measured in a subprocess, allocating in a
+worker thread as on Dask."""
 
 from __future__ import annotations
 
@@ -10,18 +11,26 @@ import sys
 import pytest
 
 SCRIPT = """
-import json, resource, sys, threading
-import torch
+import ctypes, json, resource, sys, threading
 from mi_spec.execute.allocator import recycle_large_blocks
 on = recycle_large_blocks() if sys.argv[1] == "on" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64_000_000  # above glibc's largest mmap threshold
 faults = []
 
+def block():
+    p = libc.malloc(SIZE)
+    ctypes.memset(p, 1, SIZE)  # touch every page, as a tensor's fill does
+    libc.free(p)
+
 def work():
-    for _ in range(12):  # warm-up: the heap grows to its steady state (faults in either case)
-        torch.ones(16_000_000)
+    for _ in range(4):  # warm-up: the heap grows to its steady state
+        block()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
-        torch.ones(16_000_000)  # 64 MB, above glibc's largest mmap threshold
+        block()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 thread = threading.Thread(target=work)
@@ -43,8 +52,9 @@ def _faults(mode: str, env: dict[str, str] | None = None) -> dict:
 def test_large_blocks_are_recycled_in_worker_threads():
     off, on = _faults("off"), _faults("on")
     assert on["on"] is True
+    if off["faults"] < 50_000:  # e.g. transparent huge pages back every large mapping
+        pytest.skip(f"10 fresh 64 MB mappings took only {off['faults']} faults here")
     # 10 x 64 MB fresh mappings: ~156k faults of 4 KiB pages; recycled: almost none
-    assert off["faults"] > 50_000, off
     assert on["faults"] < off["faults"] / 10, (on, off)
 
 
