@@ -11,8 +11,8 @@ keeps up to ``trim`` bytes of freed memory instead of returning it at once, and 
 that Dask's worker threads (which would each get an arena of their own, mapped like the large
 blocks) share the recycled memory. The cost: a process's resident set stays near its high-water
 mark between passes. Linux with glibc only; a no-op elsewhere, where the user already tuned the
-allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``, ``MALLOC_TRIM_THRESHOLD_``), or with
-``MI_SPEC_MALLOC=default``.
+allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``), or with ``MI_SPEC_MALLOC=default``.
+``MALLOC_TRIM_THRESHOLD_`` does not count: Dask sets it in every worker's environment.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_")
+# the user's own tuning wins; MALLOC_TRIM_THRESHOLD_ is not taken as one: Dask's nanny sets it for
+# every worker (distributed.nanny.pre-spawn-environ), and this module's trim setting replaces it
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
 _done: bool | None = None
 
 

@@ -2,9 +2,10 @@
 
 A GPT-2 built from a config (12 layers, 768 wide, 12 heads, vocab 50,257, random init, eval),
 batches of 32 rows x 64 tokens, the metric the next-token loss at 2 scored positions. Cases: one
-head patch, activation patching of all 144 heads x 2 positions, node attribution over the same 288
-sites with verification, path patching of 12 senders x 12 receivers, and one DAS step (full rank
-and rank 16). Each mi_spec case runs beside a floor of plain ``register_forward_(pre_)hook`` code
+head patch, activation patching of all 144 heads x 2 positions, node attribution with verification
+over the same 288 sites and over every head at every position (9,216 sites, against exhaustive
+patching costed from the sweep), path patching of 12 senders x 12 receivers, and one DAS step (full
+rank and rank 16). Each mi_spec case runs beside a floor of plain ``register_forward_(pre_)hook`` code
 (one forward per pass of the pass plan, all of 32 rows, sources captured once).
 
 On the 2 shared CPU cores one forward of 32 x 64 tokens takes 8 s of CPU time (8-19 s wall, with
