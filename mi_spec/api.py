@@ -22,9 +22,10 @@ from mi_spec.compile.resolve import Study, load_spec, resolve
 from mi_spec.errors import SpecError, SpecIssue
 from mi_spec.experiments.base import kinds
 from mi_spec.plan.ir import Job, JobResult, Plan, content_hash
-from mi_spec.plan.memory import Fit, fit_rows, model_size, runner_limit
+from mi_spec.plan.memory import Fit, fit_rows, model_size
 from mi_spec.schedule.profiles import RunnerProfile, load_profile
 from mi_spec.schedule.progress import Console, count
+from mi_spec.schedule.worker_memory import runner_limit
 from mi_spec.spec.load import dump_yaml
 from mi_spec.tracking.base import Tracker, flatten_params, tracking
 from mi_spec.tracking.provenance import dataset_identity, file_hash, git_info, model_name

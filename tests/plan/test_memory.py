@@ -24,10 +24,10 @@ from mi_spec.plan.memory import (
     estimate_job,
     fit_rows,
     model_size,
-    runner_limit,
 )
 from mi_spec.plan.summary import summarize
 from mi_spec.schedule.profiles import RunnerProfile
+from mi_spec.schedule.worker_memory import runner_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 2**20
