@@ -582,19 +582,10 @@ def attribution(cfg: Config, ctx: Ctx, table: Table, exhaustive: str) -> list[Go
     want = torch.stack([by_hand[(*where[site], POS[pos])] for site, pos in items])
     torch.testing.assert_close(est, want.to(est), rtol=1e-3, atol=1e-5)
     chosen = choose(est.mean(1), attrib.params["top_k"], attrib.params.get("bottom", 0))
-    vjob = verification_job(attrib, [Item(*items[i]) for i in chosen])
-    vpart = subset(vjob, stratified(first_write(vjob, plan, ctx.engine), cfg.verify_sample))
-    if len(vpart.variants) == len(vjob.variants):
-        table.time({OP: lambda: run_attribution(attrib, plan, ctx.engine, ctx.data)})
-    else:
-        log = table.sampled(VERIFY, run_job, vpart, ctx)
-        verify = scaled_patch(vjob, vpart, plan, log, table.took(VERIFY))
-        table.set(OP, (table.seconds[est_name] + verify[0], table.cpu[est_name] + verify[1]))
-        n, k = len(vpart.variants), len(vjob.variants)
-        table.notes[OP] = f"estimate_all + verify run_job ({n} of {k} variants, scaled)"
-        table.notes[VERIFY] = "(unscaled)"
-    mr = plan.max_batch_rows
-    table.passes[OP] = f"{attrib.forward_passes(mr)}+{attrib.backward_passes(mr)}b"
+    time_verified(
+        cfg, ctx, table, attrib, [Item(*items[i]) for i in chosen], (est_name, OP, VERIFY),
+        whole=lambda: run_attribution(attrib, plan, ctx.engine, ctx.data),
+    )  # fmt: skip
     table.passes[est_name] = table.passes[hook_name] = "2+1b"
     return [
         ("exhaustive (sweep) / attribution incl. verify", table.ratio(exhaustive, OP),
@@ -610,6 +601,35 @@ ALL_EST, ALL_OP = "attribution, all pos: estimate_all", "attribution, all pos: o
 ALL_VERIFY, ALL_EXHAUSTIVE = "attribution, all pos: verify", "exhaustive, all heads x positions"
 
 
+def time_verified(
+    cfg: Config,
+    ctx: Ctx,
+    table: Table,
+    job: Job,
+    chosen: list[Item],
+    names: tuple[str, str, str],
+    whole: Callable[[], Any] | None = None,
+) -> None:
+    """The attribution op's time as ``op`` (``names``: estimates, op, verification): its
+    estimates, already timed, plus the verification ``run_job`` of ``chosen``, timed on a
+    stratified sample and scaled; ``whole`` (the op itself) is timed instead where the sample
+    would be every verification variant."""
+    est, op, verify = names
+    vjob = verification_job(job, chosen)
+    vpart = subset(vjob, stratified(first_write(vjob, ctx.plan, ctx.engine), cfg.verify_sample))
+    if whole is not None and len(vpart.variants) == len(vjob.variants):
+        table.time({op: whole})
+    else:
+        log = table.sampled(verify, run_job, vpart, ctx)
+        took = scaled_patch(vjob, vpart, ctx.plan, log, table.took(verify))
+        table.set(op, (table.seconds[est] + took[0], table.cpu[est] + took[1]))
+        n, k = len(vpart.variants), len(vjob.variants)
+        table.notes[op] = f"estimate_all + verify run_job ({n} of {k} variants, scaled)"
+        table.notes[verify] = "(unscaled)"
+    mr = ctx.plan.max_batch_rows
+    table.passes[op] = f"{job.forward_passes(mr)}+{job.backward_passes(mr)}b"
+
+
 def attribution_all(cfg: Config, ctx: Ctx, table: Table, exhaustive: str) -> list[Goal]:
     """Node attribution over every head at every position (the usual attribution map, sites >>
     top_k), verification included, against exhaustive patching of the same sites: that sweep's
@@ -621,16 +641,8 @@ def attribution_all(cfg: Config, ctx: Ctx, table: Table, exhaustive: str) -> lis
     table.time({ALL_EST: lambda: estimate_all(job, plan, ctx.engine, ctx.data)})
     est = table.keep.pop(ALL_EST)[0]
     chosen = choose(est.mean(1), job.params["top_k"], job.params.get("bottom", 0))
-    vjob = verification_job(job, [Item(*items[i]) for i in chosen])
-    vpart = subset(vjob, stratified(first_write(vjob, plan, ctx.engine), cfg.verify_sample))
-    log = table.sampled(ALL_VERIFY, run_job, vpart, ctx)
-    verify = scaled_patch(vjob, vpart, plan, log, table.took(ALL_VERIFY))
-    table.set(ALL_OP, (table.seconds[ALL_EST] + verify[0], table.cpu[ALL_EST] + verify[1]))
-    n, k = len(vpart.variants), len(vjob.variants)
-    table.notes[ALL_OP] = f"estimate_all + verify run_job ({n} of {k} variants, scaled)"
-    table.notes[ALL_VERIFY] = "(unscaled)"
-    mr = plan.max_batch_rows
-    table.passes[ALL_OP] = f"{job.forward_passes(mr)}+{job.backward_passes(mr)}b"
+    names = (ALL_EST, ALL_OP, ALL_VERIFY)
+    time_verified(cfg, ctx, table, job, [Item(*items[i]) for i in chosen], names)
     table.passes[ALL_EST] = "2+1b"
     sweep = ctx.job("sweep")
     fixed = 2  # the sweep's source and clean passes, each about one plain forward
