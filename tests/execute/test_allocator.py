@@ -5,10 +5,10 @@ worker thread as on Dask."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from procs import run
 
 SCRIPT = """
 import ctypes, json, resource, sys, threading
@@ -41,10 +41,7 @@ print(json.dumps({"on": on, "faults": faults[0]}))
 
 
 def _faults(mode: str, env: dict[str, str] | None = None) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120,
-        env=env, check=True,
-    )  # fmt: skip
+    out = run([sys.executable, "-c", SCRIPT, mode], timeout=120, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import run as run_process
 
 from mi_spec import api
 from mi_spec.cli.main import main
@@ -220,12 +220,8 @@ def test_a_real_run_peaks_near_its_estimate(tmp_path, experiment):
     study.write_text(STUDY.format(experiment=experiment))
     script = ROOT / "tests" / "benchmarks" / "memory_plan.py"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    out = subprocess.run(
-        [sys.executable, str(script), "--child", str(study), "--threads", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    out = run_process(
+        [sys.executable, str(script), "--child", str(study), "--threads", "1"], env=env
     )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
